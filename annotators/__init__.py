@@ -1,0 +1,1 @@
+"""LMM backends behind one interface, the response cache and output cleaning."""

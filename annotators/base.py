@@ -1,0 +1,57 @@
+"""The one backend interface every annotator implements, and the registry that picks one.
+
+`annotate(requests, context)` answers every request with one `Response` (status "ok" with text,
+or "failed" with the error): never raises for a single bad request, never drops one. Batching,
+concurrency and retries live inside the backend.
+"""
+
+from __future__ import annotations
+
+import importlib
+from dataclasses import dataclass, field
+from typing import Mapping, Protocol, Sequence, runtime_checkable
+
+from pipeline.params import BackendParams
+from schemas import Request, Response, Tile
+
+
+@dataclass(frozen=True)
+class AnnotationContext:
+    """What a backend may look at besides the request: the tiles (pixels and masks, for the
+    template backend) and every image a request names, by sha256 (PNG bytes)."""
+
+    tiles: Mapping[str, Tile]
+    images: Mapping[str, bytes] = field(default_factory=dict)
+
+    def image(self, sha: str) -> bytes:
+        if sha in self.images:
+            return self.images[sha]
+        for tile in self.tiles.values():
+            if tile.image_sha256 == sha:
+                return tile.image_png
+        raise KeyError(f"no image with sha256 {sha}")
+
+
+@runtime_checkable
+class Backend(Protocol):
+    name: str
+    model: str
+
+    def annotate(self, requests: Sequence[Request],
+                 context: AnnotationContext) -> list[Response]: ...
+
+
+# backend name -> "module:factory"; modules are imported only when chosen, so the template
+# backend never imports torch or openai.
+REGISTRY: dict[str, str] = {
+    "template": "annotators.template:TemplateBackend",
+}
+
+
+def get_backend(params: BackendParams) -> Backend:
+    try:
+        target = REGISTRY[params.name]
+    except KeyError:
+        raise ValueError(f"unknown backend {params.name!r}; known: {sorted(REGISTRY)}") from None
+    module, factory = target.split(":")
+    return getattr(importlib.import_module(module), factory)(params)

@@ -1,0 +1,1 @@
+"""GeoPixel-style fine-tuning and RS-GCG evaluation (needs the `[train]` extra)."""

@@ -1,0 +1,115 @@
+"""Image decoding and encoding with the checks bad input needs (size limit, depth, channels)."""
+
+from __future__ import annotations
+
+import hashlib
+import struct
+import zlib
+from pathlib import Path
+
+import cv2
+import numpy as np
+
+from pipeline.errors import BadImageError
+
+PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
+
+
+def sha256(data: bytes) -> str:
+    return hashlib.sha256(data).hexdigest()
+
+
+def png_size(data: bytes, path: str | Path = "<bytes>") -> tuple[int, int]:
+    """(height, width) from a PNG header, without decoding: guards against decompression bombs."""
+    if len(data) < 24 or data[:8] != PNG_SIGNATURE or data[12:16] != b"IHDR":
+        raise BadImageError("not a PNG file (bad signature or header)", path)
+    width, height = struct.unpack(">II", data[16:24])
+    return height, width
+
+
+def image_size(data: bytes, path: str | Path) -> tuple[int, int]:
+    """(height, width) of a PNG or JPEG from its header; other formats are decoded."""
+    if data[:8] == PNG_SIGNATURE:
+        return png_size(data, path)
+    arr = np.frombuffer(data, np.uint8)
+    img = cv2.imdecode(arr, cv2.IMREAD_UNCHANGED)
+    if img is None:
+        raise BadImageError("cannot decode image (corrupt or unsupported format)", path)
+    return img.shape[0], img.shape[1]
+
+
+def to_rgb8(img: np.ndarray, path: str | Path) -> np.ndarray:
+    """Any decoded cv2 image (grey, BGR, BGRA; 8 or 16 bit) -> HxWx3 uint8 RGB."""
+    if img.dtype == np.uint16:
+        img = (img >> 8).astype(np.uint8)
+    elif img.dtype != np.uint8:
+        raise BadImageError(f"unsupported pixel type {img.dtype}", path)
+    if img.ndim == 2:
+        return cv2.cvtColor(img, cv2.COLOR_GRAY2RGB)
+    channels = img.shape[2]
+    if channels == 1:
+        return cv2.cvtColor(img[:, :, 0], cv2.COLOR_GRAY2RGB)
+    if channels == 3:
+        return cv2.cvtColor(img, cv2.COLOR_BGR2RGB)
+    if channels == 4:
+        return cv2.cvtColor(img, cv2.COLOR_BGRA2RGB)
+    raise BadImageError(f"unsupported channel count {channels}", path)
+
+
+def decode_image(data: bytes, path: str | Path, max_pixels: int) -> np.ndarray:
+    """Decode PNG/JPEG bytes to RGB uint8, refusing images over `max_pixels` before decoding."""
+    height, width = image_size(data, path)
+    if height * width > max_pixels:
+        raise BadImageError(
+            f"image is {width}x{height} = {height * width} pixels, over the limit of "
+            f"{max_pixels} (max_image_pixels)", path)
+    if data[:8] == PNG_SIGNATURE and not png_is_complete(data):
+        raise BadImageError("truncated PNG (no IEND chunk or bad chunk CRC)", path)
+    img = cv2.imdecode(np.frombuffer(data, np.uint8), cv2.IMREAD_UNCHANGED)
+    if img is None:
+        raise BadImageError("cannot decode image (corrupt or truncated)", path)
+    return to_rgb8(img, path)
+
+
+def read_image(path: Path, max_pixels: int) -> np.ndarray:
+    """Read an image file as RGB uint8 with the checks of `decode_image`."""
+    try:
+        data = Path(path).read_bytes()
+    except FileNotFoundError:
+        raise BadImageError("file not found", path) from None
+    return decode_image(data, path, max_pixels)
+
+
+def png_is_complete(data: bytes) -> bool:
+    """Walk the PNG chunks: every chunk whole with a correct CRC, ending with IEND."""
+    pos = 8
+    n = len(data)
+    while pos + 8 <= n:
+        length, ctype = struct.unpack(">I4s", data[pos:pos + 8])
+        end = pos + 12 + length
+        if end > n:
+            return False
+        crc = struct.unpack(">I", data[end - 4:end])[0]
+        if zlib.crc32(data[pos + 4:end - 4]) & 0xFFFFFFFF != crc:
+            return False
+        if ctype == b"IEND":
+            return True
+        pos = end
+    return False
+
+
+def encode_png(rgb: np.ndarray, compression: int = 1) -> bytes:
+    """RGB uint8 -> PNG bytes (deterministic for the same pixels and level)."""
+    ok, buf = cv2.imencode(".png", cv2.cvtColor(rgb, cv2.COLOR_RGB2BGR),
+                           [cv2.IMWRITE_PNG_COMPRESSION, int(compression)])
+    if not ok:
+        raise BadImageError("PNG encoding failed")
+    return buf.tobytes()
+
+
+def decode_png(data: bytes) -> np.ndarray:
+    """PNG bytes made by this pipeline -> RGB uint8."""
+    img = cv2.imdecode(np.frombuffer(data, np.uint8), cv2.IMREAD_COLOR)
+    if img is None:
+        raise BadImageError("cannot decode PNG bytes")
+    return cv2.cvtColor(img, cv2.COLOR_BGR2RGB)

@@ -1,0 +1,77 @@
+"""Map a per-shard task over shards with dask: local scheduler by default, or a cluster.
+
+Tasks read their inputs and write their outputs themselves (I/O stays on the worker); what they
+return is a small report. `scheduler` (or DASK_SCHEDULER_ADDRESS) names a dask.distributed
+scheduler; without one the local threaded scheduler runs the tasks.
+"""
+
+from __future__ import annotations
+
+import os
+import uuid
+import sys
+from typing import Callable, Sequence, TypeVar
+
+import dask
+from dask.callbacks import Callback
+
+T = TypeVar("T")
+R = TypeVar("R")
+
+
+def scheduler_address(explicit: str | None = None) -> str | None:
+    return explicit or os.environ.get("DASK_SCHEDULER_ADDRESS") or None
+
+
+def show_progress() -> bool:
+    """Progress bars only for a person at a terminal, never in CI or pipes."""
+    return sys.stderr.isatty() and not os.environ.get("CI")
+
+
+class _RichCallback(Callback):
+    def __init__(self, progress, task_id):
+        super().__init__()
+        self._progress, self._task = progress, task_id
+
+    def _posttask(self, key, result, dsk, state, id):  # noqa: A002 (dask's signature)
+        if isinstance(key, tuple) and str(key[0]).startswith("shard-task"):
+            self._progress.advance(self._task)
+
+
+def map_shards(task: Callable[[T], R], items: Sequence[T], *, label: str,
+               scheduler: str | None = None, local_scheduler: str = "threads",
+               workers: int = 2) -> list[R]:
+    """Run `task(item)` for every item; results in item order."""
+    items = list(items)
+    if not items:
+        return []
+    address = scheduler_address(scheduler)
+    if address:
+        return _map_distributed(task, items, address, label)
+    delayed = [dask.delayed(task, pure=False)(it, dask_key_name=("shard-task", i))
+               for i, it in enumerate(items)]
+    kwargs = {"scheduler": local_scheduler}
+    if local_scheduler != "synchronous":
+        kwargs["num_workers"] = workers
+    if not show_progress():
+        return list(dask.compute(*delayed, **kwargs))
+    from rich.progress import Progress
+    with Progress(transient=True) as progress:
+        tid = progress.add_task(label, total=len(items))
+        with _RichCallback(progress, tid):
+            return list(dask.compute(*delayed, **kwargs))
+
+
+def _map_distributed(task, items, address, label):
+    from distributed import Client, as_completed
+
+    with Client(address, set_as_default=False) as client:
+        futures = client.map(task, items, pure=False, key=[f"{label}-{i}-{uuid.uuid4().hex[:8]}"
+                                                          for i in range(len(items))])
+        if show_progress():
+            from rich.progress import Progress
+            with Progress(transient=True) as progress:
+                tid = progress.add_task(label, total=len(items))
+                for _ in as_completed(futures):
+                    progress.advance(tid)
+        return client.gather(futures)

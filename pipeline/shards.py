@@ -1,0 +1,133 @@
+"""Parquet shards of records: naming, atomic writes, typed reads, staged stage outputs.
+
+A stage writes its whole output folder under a staging name and swaps it in at the end, so a
+killed stage leaves the previous output (or nothing), never a half-written one. Single files are
+written to a temporary name in the same folder and renamed.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import shutil
+import tempfile
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Iterable, Iterator, Sequence, TypeVar
+
+import pyarrow as pa
+import pyarrow.parquet as pq
+from pydantic import BaseModel
+
+from pipeline.errors import UnsafePathError
+from schemas import arrow_schema
+
+M = TypeVar("M", bound=BaseModel)
+
+SHARD_RE = re.compile(r"^(?P<split>[A-Za-z0-9_.-]+)-(?P<i>\d{5})-of-(?P<n>\d{5})\.parquet$")
+SAFE_NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]*$")
+
+
+def shard_name(split: str, index: int, count: int) -> str:
+    """Hugging Face style shard name: `{split}-{i:05d}-of-{n:05d}.parquet`."""
+    return f"{safe_name(split, 'split')}-{index:05d}-of-{count:05d}.parquet"
+
+
+def safe_name(name: str, what: str = "name") -> str:
+    """Return `name` if it is a plain file name that cannot escape a folder, else raise."""
+    if not SAFE_NAME_RE.match(name) or name in {".", ".."} or ".." in name:
+        raise UnsafePathError(f"{what} {name!r} is not a safe file name", path=name)
+    return name
+
+
+def safe_join(folder: Path, name: str) -> Path:
+    """`folder / name`, refusing names that would land outside `folder`."""
+    target = (folder / name).resolve()
+    if folder.resolve() not in target.parents:
+        raise UnsafePathError(f"{name!r} would be written outside {folder}", path=name)
+    return folder / name
+
+
+def list_shards(folder: Path, split: str | None = None) -> list[Path]:
+    """The shard files in `folder` (optionally of one split), in name order."""
+    if not folder.is_dir():
+        return []
+    found = []
+    for p in sorted(folder.iterdir()):
+        m = SHARD_RE.match(p.name)
+        if m and (split is None or m.group("split") == split):
+            found.append(p)
+    return found
+
+
+def to_table(records: Sequence[BaseModel], model: type[BaseModel]) -> pa.Table:
+    schema = arrow_schema(model)
+    return pa.Table.from_pylist([r.model_dump() for r in records], schema=schema)
+
+
+def from_table(table: pa.Table, model: type[M]) -> list[M]:
+    return [model.model_validate(row) for row in table.to_pylist()]
+
+
+def write_records(path: Path, records: Sequence[BaseModel], model: type[BaseModel],
+                  row_group_size: int | None = None) -> Path:
+    """Write `records` as one Parquet file, atomically."""
+    table = to_table(records, model)
+    with atomic_path(path) as tmp:
+        pq.write_table(table, tmp, compression="zstd", row_group_size=row_group_size,
+                       write_statistics=True)
+    return path
+
+
+def read_records(path: Path, model: type[M]) -> list[M]:
+    """Read one shard into records of `model`."""
+    return from_table(pq.read_table(path, schema=arrow_schema(model)), model)
+
+
+def write_json(path: Path, payload: object) -> Path:
+    """Write JSON atomically, keys sorted, so identical content gives identical bytes."""
+    with atomic_path(path) as tmp:
+        tmp.write_text(json.dumps(payload, indent=2, sort_keys=True, ensure_ascii=False) + "\n")
+    return path
+
+
+@contextmanager
+def atomic_path(path: Path) -> Iterator[Path]:
+    """Yield a temporary path next to `path`; rename it onto `path` only if the block succeeds."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, name = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    os.close(fd)
+    tmp = Path(name)
+    try:
+        yield tmp
+        os.replace(tmp, path)
+    finally:
+        if tmp.exists():
+            tmp.unlink()
+
+
+@contextmanager
+def staged_folder(folder: Path) -> Iterator[Path]:
+    """Yield an empty staging folder that replaces `folder` only if the block succeeds."""
+    folder = Path(folder)
+    folder.parent.mkdir(parents=True, exist_ok=True)
+    staging = Path(tempfile.mkdtemp(prefix=f".{folder.name}.staging-", dir=folder.parent))
+    try:
+        yield staging
+        retired = None
+        if folder.exists():
+            retired = Path(tempfile.mkdtemp(prefix=f".{folder.name}.old-", dir=folder.parent))
+            os.replace(folder, retired / folder.name)
+        os.replace(staging, folder)
+        if retired is not None:
+            shutil.rmtree(retired, ignore_errors=True)
+    finally:
+        if staging.exists():
+            shutil.rmtree(staging, ignore_errors=True)
+
+
+def chunked(items: Sequence[M] | Iterable[M], size: int) -> list[list[M]]:
+    """Split into consecutive chunks of at most `size` items."""
+    items = list(items)
+    return [items[i:i + size] for i in range(0, len(items), size)] or []

@@ -1,0 +1,28 @@
+"""Record types shared by every stage (see `schemas.records`)."""
+
+from schemas.records import (
+    RLE,
+    SCHEMA_VERSION,
+    Cluster,
+    DroppedRecord,
+    GroundedRecord,
+    Mark,
+    ObjectInstance,
+    Phrase,
+    Provenance,
+    Record,
+    Request,
+    RequestKind,
+    Response,
+    Tile,
+    TilePlan,
+    Usage,
+    Window,
+    arrow_schema,
+)
+
+__all__ = [
+    "RLE", "SCHEMA_VERSION", "Cluster", "DroppedRecord", "GroundedRecord", "Mark",
+    "ObjectInstance", "Phrase", "Provenance", "Record", "Request", "RequestKind", "Response",
+    "Tile", "TilePlan", "Usage", "Window", "arrow_schema",
+]
