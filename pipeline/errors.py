@@ -15,6 +15,10 @@ class GeoPixelDError(Exception):
         self.message = message
         self.path = str(path) if path is not None else None
 
+    def __reduce__(self):
+        # keep `path` when the error crosses a process boundary (dask workers)
+        return (type(self), (self.message, self.path))
+
     def one_line(self) -> str:
         where = f"{self.path}: " if self.path else ""
         return f"{self.kind}: {where}{self.message}".replace("\n", " ")

@@ -57,9 +57,10 @@ def to_polygons(mask: np.ndarray) -> list[list[list[int]]]:
 
 def from_polygons(polygons: Sequence[Sequence[Sequence[int]]], height: int,
                   width: int) -> np.ndarray:
-    """Fill GeoPixel polygons into one mask exactly as its loader does (`cv2.fillPoly`)."""
+    """Fill GeoPixel polygons into one mask as its loader does: each polygon filled on its own
+    with `cv2.fillPoly`, so overlapping polygons add up instead of cancelling out."""
     mask = np.zeros((height, width), dtype=np.uint8)
-    pts = [np.asarray(p, dtype=np.int32).reshape(-1, 2) for p in polygons if len(p)]
-    if pts:
-        cv2.fillPoly(mask, pts, 1)
+    for poly in polygons:
+        if len(poly):
+            cv2.fillPoly(mask, [np.asarray(poly, dtype=np.int32).reshape(-1, 2)], 1)
     return mask

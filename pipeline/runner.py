@@ -7,6 +7,7 @@ scheduler; without one the local threaded scheduler runs the tasks.
 
 from __future__ import annotations
 
+import functools
 import os
 import uuid
 import sys
@@ -38,28 +39,57 @@ class _RichCallback(Callback):
             self._progress.advance(self._task)
 
 
+class _Outcome:
+    """A task's result or its exception, so that no task is still running when one fails."""
+
+    __slots__ = ("value", "error")
+
+    def __init__(self, value=None, error: BaseException | None = None):
+        self.value, self.error = value, error
+
+
+def _settled(task, item):
+    try:
+        return _Outcome(value=task(item))
+    except Exception as exc:  # re-raised in the caller once every task has settled
+        return _Outcome(error=exc)
+
+
+def _unwrap(outcomes: list[_Outcome]) -> list:
+    for outcome in outcomes:
+        if outcome.error is not None:
+            raise outcome.error
+    return [o.value for o in outcomes]
+
+
 def map_shards(task: Callable[[T], R], items: Sequence[T], *, label: str,
                scheduler: str | None = None, local_scheduler: str = "threads",
                workers: int = 2) -> list[R]:
-    """Run `task(item)` for every item; results in item order."""
+    """Run `task(item)` for every item; results in item order.
+
+    Every task settles before anything is raised: a failing shard never leaves siblings still
+    writing into a staging folder that the stage is about to remove. The first error (in item
+    order) is then raised as is.
+    """
     items = list(items)
     if not items:
         return []
+    settled = functools.partial(_settled, task)
     address = scheduler_address(scheduler)
     if address:
-        return _map_distributed(task, items, address, label)
-    delayed = [dask.delayed(task, pure=False)(it, dask_key_name=("shard-task", i))
+        return _unwrap(_map_distributed(settled, items, address, label))
+    delayed = [dask.delayed(settled, pure=False)(it, dask_key_name=("shard-task", i))
                for i, it in enumerate(items)]
     kwargs = {"scheduler": local_scheduler}
     if local_scheduler != "synchronous":
         kwargs["num_workers"] = workers
     if not show_progress():
-        return list(dask.compute(*delayed, **kwargs))
+        return _unwrap(list(dask.compute(*delayed, **kwargs)))
     from rich.progress import Progress
     with Progress(transient=True) as progress:
         tid = progress.add_task(label, total=len(items))
         with _RichCallback(progress, tid):
-            return list(dask.compute(*delayed, **kwargs))
+            return _unwrap(list(dask.compute(*delayed, **kwargs)))
 
 
 def _map_distributed(task, items, address, label):

@@ -1,0 +1,618 @@
+"""Measured attributes of objects and scenes: the facts the template backend may state.
+
+Pure functions on pixels (HxWx3 uint8 RGB) and binary masks (HxW). Every word the template
+backend writes about a tile comes from one of these measurements, so nothing is invented: a
+colour is the median colour under the mask, a size is an area ratio, an orientation is the long
+side of `cv2.minAreaRect`, an arrangement is a fit of the members' centroids.
+
+The thresholds below define the vocabulary (what "large", "in a row", "green vegetation" mean).
+They are part of the template model: changing one changes the words, so it should go with a new
+`annotate.backend.model` name (e.g. "template-v2").
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+from typing import Mapping, Sequence
+
+import cv2
+import numpy as np
+
+from pipeline import masks
+from pipeline.categories import plural, readable
+from pipeline.imaging import decode_png
+from schemas import Tile
+
+# --- colour names (OpenCV HSV: hue 0..179, saturation and value 0..255) ---------------------
+BLACK_MAX_VALUE = 50          # darker than this is black whatever the hue
+GREY_MAX_SATURATION = 45      # less saturated than this is white / grey
+DIM_GREY_MAX_SATURATION = 70  # ... and up to this when also dim (dark colours look grey)
+DIM_MAX_VALUE = 90
+WHITE_MIN_VALUE = 200
+LIGHT_GREY_MIN_VALUE = 150
+GREY_MIN_VALUE = 90
+DARK_MAX_VALUE = 110          # chromatic colours dimmer than this get "dark"
+LIGHT_MIN_VALUE = 175         # ... brighter than this and pale get "light"
+PALE_MAX_SATURATION = 120
+BEIGE_MAX_SATURATION = 70     # pale yellow-orange and bright is beige
+BROWN_MAX_VALUE = 150         # dim orange is brown
+# hue band upper bounds (exclusive), in OpenCV units (degrees / 2)
+HUE_BANDS: tuple[tuple[int, str], ...] = (
+    (8, "red"), (20, "orange"), (34, "yellow"), (85, "green"), (100, "teal"),
+    (130, "blue"), (165, "purple"), (180, "red"))
+
+# --- sizes --------------------------------------------------------------------------------------
+# Rough typical areas (pixels) of iSAID instances at the Google Earth scales of DOTA imagery
+# (about 0.1 to 0.5 m per pixel). Chosen by this project as anchors for "small" / "large" when a
+# tile holds too few objects of a category to compare them with each other; not published figures.
+TYPICAL_AREA: dict[str, int] = {
+    "small_vehicle": 400,
+    "large_vehicle": 1500,
+    "plane": 5000,
+    "helicopter": 2500,
+    "ship": 1500,
+    "storage_tank": 2500,
+    "harbor": 15000,
+    "bridge": 20000,
+    "swimming_pool": 2000,
+    "roundabout": 40000,
+    "tennis_court": 10000,
+    "basketball_court": 10000,
+    "baseball_diamond": 40000,
+    "soccer_ball_field": 80000,
+    "ground_track_field": 150000,
+}
+MIN_PEERS_FOR_RELATIVE_SIZE = 3  # objects of the category in the tile, itself included
+RELATIVE_SMALL, RELATIVE_LARGE = 0.67, 1.5   # area / median area of the category in the tile
+TYPICAL_SMALL, TYPICAL_LARGE = 0.5, 2.0      # area / TYPICAL_AREA of the category
+
+# --- shape and orientation ----------------------------------------------------------------------
+ELONGATED_MIN_RATIO = 1.6     # long side / short side of the min-area rectangle
+MIN_SHORT_SIDE = 3            # px; thinner shapes give no reliable orientation
+ORIENTATION_TOLERANCE_DEG = 22.5
+
+# --- arrangement --------------------------------------------------------------------------------
+NEIGHBOUR_RADIUS = 3.0        # same-category neighbours within this many long sides
+PARALLEL_TOLERANCE_DEG = 15.0
+SIDE_BY_SIDE_ACROSS = 2.5     # centre spacing across the long axes, in short sides
+SIDE_BY_SIDE_ALONG = 0.5      # offset along the long axes, in long sides
+ROW_MIN_EXPLAINED = 0.9       # PCA: share of centroid variance along the first axis
+ROW_MAX_GAP = 3.0             # largest gap along the row, in median gaps
+TIGHT_MAX_SPACING = 2.0       # median nearest-neighbour distance / median object size
+SCATTERED_MIN_SPACING = 5.0
+MOSTLY_MIN_SHARE = 0.75       # a colour this common among members is "mostly"
+PARKED_CATEGORIES = {"small_vehicle", "large_vehicle", "plane", "helicopter"}
+
+# --- ground cover -------------------------------------------------------------------------------
+COVER_DARK_MAX_VALUE = 45
+COVER_GREY_MAX_SATURATION = 40
+COVER_BRIGHT_MIN_VALUE = 190
+COVER_MIN_SATURATION = 35
+COVER_MOSTLY_MIN_SHARE = 0.5      # a dominant cover this common is "mostly"
+COVER_SECONDARY_MIN_SHARE = 0.12   # a second cover this common is mentioned
+COVER_EVERYWHERE_MIN_SHARE = 0.8   # dominant in every cell at this share = "across the image"
+CONCENTRATED_MIN_SHARE = 0.3       # one 3x3 cell holding this share of object area
+TEXTURE_UNIFORM_MAX_STD, TEXTURE_VARIED_MIN_STD = 25.0, 50.0
+TONE_DARK_MAX_MEAN, TONE_BRIGHT_MIN_MEAN = 85.0, 170.0
+# Fractions in words: (at least this share, words), first match wins.
+FRACTION_WORDS: tuple[tuple[float, str], ...] = (
+    (0.9, "nearly all"), (0.7, "most"), (0.55, "more than half"), (0.42, "about half"),
+    (0.28, "about a third"), (0.18, "about a quarter"), (0.08, "about a tenth"),
+    (0.0, "a small part"))
+
+CELL_NAMES_3X3 = (("top left", "top", "top right"),
+                  ("left", "center", "right"),
+                  ("bottom left", "bottom", "bottom right"))
+
+
+# =============================================================================================
+# Words
+
+
+_ONES = ("zero one two three four five six seven eight nine ten eleven twelve thirteen "
+         "fourteen fifteen sixteen seventeen eighteen nineteen").split()
+_TENS = "_ _ twenty thirty forty fifty sixty seventy eighty ninety".split()
+
+
+def number_word(n: int) -> str:
+    """Cardinal number in English words (0 .. 999,999): counts never appear as digits, so no
+    text can be mistaken for a leaked set-of-marks number."""
+    if n < 0 or n >= 1_000_000:
+        raise ValueError(f"no words for {n}")
+    if n < 20:
+        return _ONES[n]
+    if n < 100:
+        tens, ones = divmod(n, 10)
+        return _TENS[tens] + (f"-{_ONES[ones]}" if ones else "")
+    if n < 1000:
+        hundreds, rest = divmod(n, 100)
+        return f"{_ONES[hundreds]} hundred" + (f" and {number_word(rest)}" if rest else "")
+    thousands, rest = divmod(n, 1000)
+    tail = "" if not rest else (" and " if rest < 100 else " ") + number_word(rest)
+    return f"{number_word(thousands)} thousand{tail}"
+
+
+def counted(n: int, category: str) -> str:
+    """'three small vehicles', 'one storage tank'."""
+    return f"{number_word(n)} {readable(category) if n == 1 else plural(category)}"
+
+
+def with_article(phrase: str) -> str:
+    """'a red ship', 'an orange ship'."""
+    return ("an " if phrase[:1].lower() in "aeiou" else "a ") + phrase
+
+
+def fraction_words(share: float) -> str:
+    for least, words in FRACTION_WORDS:
+        if share >= least:
+            return words
+    return FRACTION_WORDS[-1][1]
+
+
+def category_key(category: str) -> str:
+    """'Small_Vehicle' / 'small vehicle' -> 'small_vehicle' (the TYPICAL_AREA key)."""
+    return readable(category).replace(" ", "_")
+
+
+# =============================================================================================
+# Colour
+
+
+def median_colour(image: np.ndarray, mask: np.ndarray) -> tuple[int, int, int]:
+    """Per-channel median RGB of the pixels under `mask` (robust to marks and highlights)."""
+    pixels = image[mask.astype(bool)]
+    if len(pixels) == 0:
+        raise ValueError("empty mask has no colour")
+    r, g, b = np.median(pixels, axis=0)
+    return int(round(r)), int(round(g)), int(round(b))
+
+
+def to_hsv(rgb: Sequence[int]) -> tuple[int, int, int]:
+    h, s, v = cv2.cvtColor(np.uint8([[list(rgb)]]), cv2.COLOR_RGB2HSV)[0, 0]
+    return int(h), int(s), int(v)
+
+
+def colour_name(rgb: Sequence[int]) -> str:
+    """Name an RGB colour from a small palette by HSV rules, with dark/light qualifiers."""
+    h, s, v = to_hsv(rgb)
+    if v < BLACK_MAX_VALUE:
+        return "black"
+    if s < GREY_MAX_SATURATION or (s < DIM_GREY_MAX_SATURATION and v < DIM_MAX_VALUE):
+        if v >= WHITE_MIN_VALUE:
+            return "white"
+        if v >= LIGHT_GREY_MIN_VALUE:
+            return "light grey"
+        return "grey" if v >= GREY_MIN_VALUE else "dark grey"
+    hue = next(name for upper, name in HUE_BANDS if h < upper)
+    if hue in ("orange", "yellow") and s < BEIGE_MAX_SATURATION and v >= LIGHT_GREY_MIN_VALUE:
+        return "beige"
+    if hue == "orange" and v < BROWN_MAX_VALUE:
+        return "brown"
+    if hue == "yellow" and v < DARK_MAX_VALUE:
+        return "olive"
+    if v < DARK_MAX_VALUE:
+        return f"dark {hue}"
+    if hue in ("green", "blue") and v >= LIGHT_MIN_VALUE and s < PALE_MAX_SATURATION:
+        return f"light {hue}"
+    return hue
+
+
+def colour_mix(names: Sequence[str]) -> str:
+    """Colours of a group's members: 'all white', 'mostly yellow', 'white and yellow',
+    'yellow, white and grey' (at most three, most common first)."""
+    if not names:
+        raise ValueError("no colours to mix")
+    counts: dict[str, int] = {}
+    for n in names:
+        counts[n] = counts.get(n, 0) + 1
+    ranked = sorted(counts, key=lambda c: (-counts[c], c))
+    if len(ranked) == 1:
+        return f"all {ranked[0]}" if len(names) > 1 else ranked[0]
+    if counts[ranked[0]] / len(names) >= MOSTLY_MIN_SHARE:
+        return f"mostly {ranked[0]}"
+    top = ranked[:3]
+    return " and ".join(top) if len(top) == 2 else f"{top[0]}, {top[1]} and {top[2]}"
+
+
+# =============================================================================================
+# Size
+
+
+@dataclass(frozen=True)
+class Size:
+    """A size word and what it was measured against: 'tile' (the category's median area in
+    this tile) or 'typical' (TYPICAL_AREA)."""
+
+    word: str
+    basis: str
+
+
+def _size_word(ratio: float, small: float, large: float) -> str:
+    if ratio < small:
+        return "small"
+    if ratio > large:
+        return "large"
+    return "medium-sized"
+
+
+def relative_size(area: float, category_areas: Sequence[float]) -> Size | None:
+    """Area against the median of its category in the tile (areas include the object)."""
+    if len(category_areas) < MIN_PEERS_FOR_RELATIVE_SIZE:
+        return None
+    median = float(np.median(category_areas))
+    if median <= 0:
+        return None
+    return Size(_size_word(area / median, RELATIVE_SMALL, RELATIVE_LARGE), "tile")
+
+
+def absolute_size(area: float, category: str) -> Size | None:
+    """Area against the category's typical area; None for a category without one."""
+    typical = TYPICAL_AREA.get(category_key(category))
+    if not typical:
+        return None
+    return Size(_size_word(area / typical, TYPICAL_SMALL, TYPICAL_LARGE), "typical")
+
+
+def object_size(area: float, category: str, category_areas: Sequence[float]) -> Size | None:
+    """Relative to the tile's peers when there are enough of them, else to the typical area."""
+    return relative_size(area, category_areas) or absolute_size(area, category)
+
+
+# =============================================================================================
+# Shape, orientation, position
+
+
+@dataclass(frozen=True)
+class Shape:
+    """Minimum-area rectangle of a mask: centre (x, y), side lengths, long-axis angle.
+
+    `angle` is in degrees in [0, 180), image axes (x right, y down): 0 = horizontal,
+    90 = vertical, 45 = from top left to bottom right."""
+
+    cx: float
+    cy: float
+    long: float
+    short: float
+    angle: float
+
+    @property
+    def elongation(self) -> float:
+        return self.long / max(self.short, 1e-6)
+
+    @property
+    def elongated(self) -> bool:
+        return self.short >= MIN_SHORT_SIDE and self.elongation >= ELONGATED_MIN_RATIO
+
+
+def mask_shape(mask: np.ndarray) -> Shape:
+    """`cv2.minAreaRect` of the mask's pixels; sides counted in pixels (extent + 1)."""
+    ys, xs = np.nonzero(mask)
+    if len(xs) == 0:
+        raise ValueError("empty mask has no shape")
+    points = np.column_stack([xs, ys]).astype(np.float32)
+    (cx, cy), _, _ = cv2.minAreaRect(points)
+    corners = cv2.boxPoints(cv2.minAreaRect(points))
+    edge_a, edge_b = corners[1] - corners[0], corners[2] - corners[1]
+    len_a, len_b = float(np.hypot(*edge_a)), float(np.hypot(*edge_b))
+    long_edge = edge_a if len_a >= len_b else edge_b
+    angle = math.degrees(math.atan2(float(long_edge[1]), float(long_edge[0]))) % 180.0
+    return Shape(cx=float(xs.mean()), cy=float(ys.mean()), long=max(len_a, len_b) + 1.0,
+                 short=min(len_a, len_b) + 1.0, angle=angle)
+
+
+def orientation_words(shape: Shape) -> str | None:
+    """'oriented horizontally' ... for elongated shapes; None for round or square ones."""
+    if not shape.elongated:
+        return None
+    a, tol = shape.angle, ORIENTATION_TOLERANCE_DEG
+    if a < tol or a >= 180 - tol:
+        return "oriented horizontally"
+    if 90 - tol <= a < 90 + tol:
+        return "oriented vertically"
+    if a < 90:
+        return "oriented diagonally from top left to bottom right"
+    return "oriented diagonally from bottom left to top right"
+
+
+def cell_name(row: int, col: int, grid: int = 3) -> str:
+    """Name of a grid cell; the 3x3 names are the paper's positional prior."""
+    if grid == 3:
+        return CELL_NAMES_3X3[row][col]
+    return f"row {number_word(row + 1)}, column {number_word(col + 1)}"
+
+
+def grid_cell(x: float, y: float, width: int, height: int, grid: int = 3) -> str:
+    """The grid cell holding point (x, y)."""
+    col = min(grid - 1, max(0, int(x * grid / width)))
+    row = min(grid - 1, max(0, int(y * grid / height)))
+    return cell_name(row, col, grid)
+
+
+def cell_shares(mask: np.ndarray, grid: int = 3) -> dict[str, float]:
+    """Share of the mask's pixels in each grid cell."""
+    height, width = mask.shape
+    total = float(mask.sum())
+    shares = {}
+    for row in range(grid):
+        for col in range(grid):
+            part = mask[row * height // grid:(row + 1) * height // grid,
+                        col * width // grid:(col + 1) * width // grid]
+            shares[cell_name(row, col, grid)] = float(part.sum()) / total if total else 0.0
+    return shares
+
+
+def concentration(object_mask: np.ndarray, grid: int = 3) -> tuple[str, float] | None:
+    """The cell with the most object area and its share of all object area."""
+    shares = cell_shares(object_mask.astype(bool), grid)
+    if not any(shares.values()):
+        return None
+    cell = max(shares, key=lambda c: shares[c])
+    return cell, shares[cell]
+
+
+# =============================================================================================
+# Arrangement
+
+
+def side_by_side(a: Shape, b: Shape) -> bool:
+    """Two elongated shapes parallel and next to each other across their long axes."""
+    if not (a.elongated and b.elongated):
+        return False
+    diff = abs(a.angle - b.angle) % 180.0
+    if min(diff, 180.0 - diff) > PARALLEL_TOLERANCE_DEG:
+        return False
+    theta = math.radians(a.angle)
+    dx, dy = b.cx - a.cx, b.cy - a.cy
+    along = abs(dx * math.cos(theta) + dy * math.sin(theta))
+    across = abs(-dx * math.sin(theta) + dy * math.cos(theta))
+    short, long = (a.short + b.short) / 2, (a.long + b.long) / 2
+    return across <= SIDE_BY_SIDE_ACROSS * short and along <= SIDE_BY_SIDE_ALONG * long
+
+
+def in_a_row(points: np.ndarray) -> bool:
+    """Centroids (N x 2) fit a line: PCA explained variance high and no large hole along it."""
+    if len(points) < 3:
+        return False
+    centred = points - points.mean(axis=0)
+    _, singular, vt = np.linalg.svd(centred, full_matrices=False)
+    variance = singular ** 2
+    if variance.sum() <= 0 or variance[0] / variance.sum() < ROW_MIN_EXPLAINED:
+        return False
+    gaps = np.diff(np.sort(centred @ vt[0]))
+    median_gap = float(np.median(gaps))
+    return median_gap > 0 and float(gaps.max()) <= ROW_MAX_GAP * median_gap
+
+
+def spacing(points: np.ndarray, sizes: Sequence[float]) -> float:
+    """Median nearest-neighbour centroid distance in units of the median object size."""
+    d = np.hypot(*(points[:, None, :] - points[None, :, :]).transpose(2, 0, 1))
+    np.fill_diagonal(d, np.inf)
+    return float(np.median(d.min(axis=1))) / max(float(np.median(sizes)), 1e-6)
+
+
+def group_arrangement(shapes: Sequence[Shape], areas: Sequence[float],
+                      category: str) -> str | None:
+    """How a group of same-category objects is laid out: 'parked side by side in a row',
+    'in a row', 'in a tight group', 'loosely grouped', 'scattered'; None for one object."""
+    if len(shapes) < 2:
+        return None
+    points = np.array([[s.cx, s.cy] for s in shapes])
+    paired = sum(any(side_by_side(a, b) for b in shapes if b is not a) for a in shapes)
+    verb = "parked " if category_key(category) in PARKED_CATEGORIES else ""
+    row = in_a_row(points)
+    if paired * 2 >= len(shapes):
+        return f"{verb}side by side" + (" in a row" if row else "")
+    if row:
+        return f"{verb}in a row" if verb else "lined up in a row"
+    ratio = spacing(points, [math.sqrt(a) for a in areas])
+    if ratio <= TIGHT_MAX_SPACING:
+        return "in a tight group"
+    if ratio >= SCATTERED_MIN_SPACING:
+        return "scattered"
+    return "loosely grouped"
+
+
+def neighbourhood(index: int, shapes: Sequence[Shape], category: str) -> str | None:
+    """An object among its same-category neighbours (within NEIGHBOUR_RADIUS long sides):
+    'parked side by side with two other small vehicles', 'lined up with ...', 'near ...',
+    'with no other ... nearby'. `shapes` are all objects of the category in the tile."""
+    me = shapes[index]
+    radius = NEIGHBOUR_RADIUS * me.long
+    near = [s for i, s in enumerate(shapes) if i != index
+            and math.hypot(s.cx - me.cx, s.cy - me.cy) <= radius]
+    if not near:
+        return f"with no other {plural(category)} nearby" if len(shapes) > 1 else None
+    partners = [s for s in near if side_by_side(me, s)]
+    verb = "parked " if category_key(category) in PARKED_CATEGORIES else ""
+    if partners:
+        return f"{verb}side by side with {_others(len(partners), category)}"
+    if in_a_row(np.array([[s.cx, s.cy] for s in [me, *near]])):
+        return f"lined up with {_others(len(near), category)}"
+    return f"near {_others(len(near), category)}"
+
+
+def _others(n: int, category: str) -> str:
+    return f"another {readable(category)}" if n == 1 else f"{number_word(n)} other {plural(category)}"
+
+
+# =============================================================================================
+# Ground cover
+
+
+COVER_CLASSES = ("dark areas", "green vegetation", "water", "bare brown soil",
+                 "light sandy ground", "bright pale surfaces", "grey paved surfaces",
+                 "reddish surfaces")
+
+
+def cover_classes(hsv: np.ndarray) -> np.ndarray:
+    """Per-pixel ground-cover class index (into COVER_CLASSES) from HSV heuristics."""
+    h, s, v = (hsv[..., i].astype(np.int16) for i in range(3))
+    out = np.full(h.shape, COVER_CLASSES.index("reddish surfaces"), dtype=np.uint8)
+    grey = s < COVER_GREY_MAX_SATURATION
+    rules = [  # first match wins: apply in reverse so earlier rules overwrite later ones
+        ("dark areas", v < COVER_DARK_MAX_VALUE),
+        ("bright pale surfaces", grey & (v >= COVER_BRIGHT_MIN_VALUE)),
+        ("grey paved surfaces", grey),
+        ("green vegetation", (h >= 34) & (h < 90) & (s >= COVER_MIN_SATURATION)),
+        ("water", (h >= 90) & (h < 130) & (s >= COVER_MIN_SATURATION)),
+        ("light sandy ground", (h >= 5) & (h < 34) & (v >= COVER_BRIGHT_MIN_VALUE)),
+        ("bare brown soil", (h >= 5) & (h < 34)),
+    ]
+    for name, where in reversed(rules):
+        out[where] = COVER_CLASSES.index(name)
+    return out
+
+
+@dataclass(frozen=True)
+class GroundCover:
+    """Shares of each cover class over the pixels outside every object, the dominant cover's
+    best cell and share per cell, and the tone of that ground."""
+
+    shares: dict[str, float]
+    dominant: str
+    secondary: str | None
+    dominant_cell: str
+    dominant_everywhere: bool
+    texture: str
+    tone: str
+
+
+def ground_cover(image: np.ndarray, object_mask: np.ndarray, grid: int = 3) -> GroundCover:
+    """Classify the background pixels (outside `object_mask`) into ground-cover classes."""
+    ground = ~object_mask.astype(bool)
+    if not ground.any():  # objects cover the whole tile: describe what there is
+        ground = np.ones_like(ground)
+    hsv = cv2.cvtColor(image, cv2.COLOR_RGB2HSV)
+    classes = cover_classes(hsv)
+    counts = np.bincount(classes[ground], minlength=len(COVER_CLASSES))
+    total = float(counts.sum())
+    shares = {name: float(counts[i]) / total for i, name in enumerate(COVER_CLASSES) if counts[i]}
+    ranked = sorted(shares, key=lambda c: (-shares[c], c))
+    dominant = ranked[0]
+    secondary = next((c for c in ranked[1:] if shares[c] >= COVER_SECONDARY_MIN_SHARE), None)
+    dominant_pixels = (classes == COVER_CLASSES.index(dominant)) & ground
+    cells = cell_shares(dominant_pixels, grid)
+    height, width = ground.shape
+    everywhere = True
+    for row in range(grid):
+        for col in range(grid):
+            sl = (slice(row * height // grid, (row + 1) * height // grid),
+                  slice(col * width // grid, (col + 1) * width // grid))
+            n_ground = ground[sl].sum()
+            if n_ground and dominant_pixels[sl].sum() / n_ground < COVER_EVERYWHERE_MIN_SHARE:
+                everywhere = False
+    value = hsv[..., 2][ground].astype(np.float64)
+    std, mean = float(value.std()), float(value.mean())
+    texture = ("uniform" if std <= TEXTURE_UNIFORM_MAX_STD else
+               "strongly varied" if std >= TEXTURE_VARIED_MIN_STD else "moderately varied")
+    tone = ("dark" if mean <= TONE_DARK_MAX_MEAN else
+            "bright" if mean >= TONE_BRIGHT_MIN_MEAN else "of medium brightness")
+    return GroundCover(shares=shares, dominant=dominant, secondary=secondary,
+                       dominant_cell=max(cells, key=lambda c: cells[c]),
+                       dominant_everywhere=everywhere, texture=texture, tone=tone)
+
+
+# =============================================================================================
+# A tile, measured once
+
+
+@dataclass(frozen=True)
+class ObjectMeasure:
+    """One instance measured in its tile."""
+
+    object_id: int
+    category: str
+    area: int
+    shape: Shape
+    rgb: tuple[int, int, int]
+    colour: str
+    cell: str
+
+
+@dataclass
+class TileMeasure:
+    """Every object of a tile measured once, plus what the holistic text needs."""
+
+    tile_id: str
+    width: int
+    height: int
+    image: np.ndarray = field(repr=False)
+    objects: dict[int, ObjectMeasure]
+    object_mask: np.ndarray = field(repr=False)
+    grid: int = 3
+
+    def of_category(self, category: str) -> list[ObjectMeasure]:
+        key = category_key(category)
+        return [o for o in self.objects.values() if category_key(o.category) == key]
+
+    def category_counts(self) -> dict[str, int]:
+        counts: dict[str, int] = {}
+        for o in self.objects.values():
+            counts[o.category] = counts.get(o.category, 0) + 1
+        return counts
+
+    def cover(self) -> GroundCover:
+        return ground_cover(self.image, self.object_mask, self.grid)
+
+
+def measure_tile(tile: Tile, grid: int = 3) -> TileMeasure:
+    """Decode a tile and measure each object: colour, area, shape, cell."""
+    image = decode_png(tile.image_png)
+    if image.shape[:2] != (tile.height, tile.width):
+        raise ValueError(f"image is {image.shape[1]}x{image.shape[0]}, "
+                         f"record says {tile.width}x{tile.height}")
+    union = np.zeros(image.shape[:2], dtype=bool)
+    objects: dict[int, ObjectMeasure] = {}
+    for obj in tile.objects:
+        mask = masks.decode(obj.mask).astype(bool)
+        if mask.shape != image.shape[:2]:
+            raise ValueError(f"mask of object {obj.object_id} is "
+                             f"{mask.shape[1]}x{mask.shape[0]}, image is "
+                             f"{image.shape[1]}x{image.shape[0]}")
+        if not mask.any():
+            continue
+        union |= mask
+        shape = mask_shape(mask)
+        rgb = median_colour(image, mask)
+        objects[obj.object_id] = ObjectMeasure(
+            object_id=obj.object_id, category=obj.category, area=int(mask.sum()), shape=shape,
+            rgb=rgb, colour=colour_name(rgb),
+            cell=grid_cell(shape.cx, shape.cy, tile.width, tile.height, grid))
+    return TileMeasure(tile_id=tile.tile_id, width=tile.width, height=tile.height, image=image,
+                       objects=objects, object_mask=union, grid=grid)
+
+
+def describe_object(measure: TileMeasure, object_id: int, category: str) -> dict[str, object]:
+    """The measured attributes of one object among its tile's objects of the same category."""
+    me = measure.objects[object_id]
+    peers = measure.of_category(category) or [me]
+    index = next(i for i, o in enumerate(peers) if o.object_id == object_id)
+    return {
+        "colour": me.colour,
+        "size": object_size(me.area, category, [o.area for o in peers]),
+        "orientation": orientation_words(me.shape),
+        "cell": me.cell,
+        "neighbours": neighbourhood(index, [o.shape for o in peers], category),
+    }
+
+
+def describe_group(measure: TileMeasure, object_ids: Sequence[int],
+                   category: str) -> dict[str, object]:
+    """The measured attributes of a group: count, arrangement, colour mix, cell of its centre."""
+    members = [measure.objects[i] for i in object_ids]
+    total = float(sum(o.area for o in members))
+    cx = sum(o.shape.cx * o.area for o in members) / total
+    cy = sum(o.shape.cy * o.area for o in members) / total
+    return {
+        "count": len(members),
+        "arrangement": group_arrangement([o.shape for o in members],
+                                         [o.area for o in members], category),
+        "colours": colour_mix([o.colour for o in members]),
+        "cell": grid_cell(cx, cy, measure.width, measure.height, measure.grid),
+    }
+
+
+def dominant_category(counts: Mapping[str, int]) -> str:
+    """The category with the most objects (ties by name, for determinism)."""
+    return min(counts, key=lambda c: (-counts[c], readable(c)))

@@ -1,0 +1,442 @@
+"""RS-GCG evaluation of grounded captions: AP50, mIoU, Recall, CIDEr, METEOR (as GLaMM's GCG).
+
+GeoPixel reports RS-GCG with GLaMM's GCG evaluation (`eval/gcg/evaluate.py` in
+mbzuai-oryx/groundingLMM); this module computes the same figures from our GroundedRecord shards
+and a predictions file, without GLaMM's intermediate COCO files.
+
+Ground truth: one `GTItem(record_id, caption, [(phrase_text, RLE), ...])` per record, the i-th
+pair being the i-th grounded phrase and the mask its [SEG] owns (`load_ground_truth` reads them
+from `build/records` shards).
+
+Predictions file: a JSON array with one object per evaluated image, GLaMM's per-image result:
+
+    [{"image_id": "<record_id>",
+      "caption": "The <p> tennis court </p> [SEG] at right ...",
+      "phrases": ["tennis court", ...],
+      "pred_masks": [{"size": [height, width], "counts": "<COCO RLE string>"}, ...]},
+     ...]
+
+`record_id` is accepted for `image_id`, and `masks` for `pred_masks`. `counts` may also be an
+uncompressed RLE (list of ints). The i-th phrase belongs to the i-th mask; extra masks without a
+phrase still count for AP50 and mIoU. Captions are compared as plain text: `<...>` tags and
+[SEG] are removed from both sides, as GLaMM's inference does.
+
+Metrics (every figure is over the whole split):
+- ap50: pycocotools COCOeval(iouType="segm"), one class, every predicted mask scored 1.0,
+  `stats[1]`; one ground-truth annotation per grounded phrase.
+- miou: per image, ground-truth and predicted masks are paired greedily one-to-one, highest IoU
+  first (pairs of IoU > 0); a ground-truth mask left unpaired counts as IoU 0; the mean is over
+  all ground-truth masks of the split.
+- miou_glamm: GLaMM's script as written: per image the mean of the paired IoUs only (unpaired
+  masks ignored, 0 for an image without pairs), then the mean over images.
+- recall: matched ground-truth phrases / all ground-truth phrases. A pair (ground-truth phrase,
+  predicted phrase) is admissible when mask IoU >= iou_threshold and text similarity >=
+  text_threshold; admissible pairs are taken greedily one-to-one, highest IoU first.
+- recall_glamm: GLaMM's script as written: the greedy pass over all pairs stops at the first
+  highest-IoU pair that is not admissible (so a well-placed mask with a wrong phrase can hide
+  later matches in the same image).
+- cider, meteor: pycocoevalcap (PTB tokenizer; both need Java), one reference per image.
+  `None` when they could not be computed; `skipped` then says why.
+
+Text similarity is the cosine of mean-pooled `bert-base-uncased` token embeddings
+(`BertMeanPoolEncoder`, needs the `[train]` extra and the weights); figures comparable to
+GeoPixel's need it. `BagOfWordsEncoder` is a dependency-free stand-in for tests and offline use.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import io
+import json
+import logging
+import re
+import shutil
+import zlib
+from pathlib import Path
+from typing import Any, NamedTuple, Protocol, Sequence
+
+import numpy as np
+from pycocotools import mask as mask_utils
+from pycocotools.coco import COCO
+from pycocotools.cocoeval import COCOeval
+
+from pipeline import masks
+from pipeline.errors import BadAnnotationError, BadMaskError, EmptyInputError
+from pipeline.shards import list_shards, read_records, write_json
+from schemas import RLE, GroundedRecord
+
+log = logging.getLogger(__name__)
+
+TEXT_THRESHOLD = 0.5  # GLaMM's text_sim_threshold
+IOU_THRESHOLD = 0.5  # GLaMM's iou_threshold
+PHRASE_CATEGORY_ID = 1  # the single class every grounded phrase belongs to
+CAPTION_METRICS = ("cider", "meteor")
+
+_TAG_RE = re.compile(r"<.*?>")
+_WORD_RE = re.compile(r"[a-z0-9]+")
+
+
+class GTItem(NamedTuple):
+    """One ground-truth record: caption, then its grounded phrases and masks in [SEG] order."""
+
+    record_id: str
+    caption: str
+    phrases: Sequence[tuple[str, RLE]]
+
+
+class PredItem(NamedTuple):
+    """One model output: caption, phrases and masks (the i-th phrase owns the i-th mask)."""
+
+    record_id: str
+    caption: str
+    phrases: Sequence[str]
+    masks: Sequence[RLE]
+
+
+class TextEncoder(Protocol):
+    """Embeds phrases as L2-normalised rows, so a dot product is their cosine similarity.
+
+    An optional `name` attribute is recorded in the metrics.
+    """
+
+    def encode(self, texts: Sequence[str]) -> np.ndarray: ...
+
+
+def _normalise_rows(vectors: np.ndarray) -> np.ndarray:
+    norms = np.linalg.norm(vectors, axis=1, keepdims=True)
+    return vectors / np.where(norms > 0, norms, 1.0)
+
+
+class BagOfWordsEncoder:
+    """Hashed bag of lowercase words: a dependency-free stand-in for BERT (tests, offline runs).
+
+    Phrases sharing no word have similarity 0; its figures are NOT comparable to GeoPixel's.
+    """
+
+    def __init__(self, dim: int = 4096):
+        self.dim = dim
+        self.name = f"bag-of-words-{dim}"
+
+    def encode(self, texts: Sequence[str]) -> np.ndarray:
+        vectors = np.zeros((len(texts), self.dim), dtype=np.float64)
+        for row, text in enumerate(texts):
+            for word in _WORD_RE.findall(text.lower()):
+                vectors[row, zlib.crc32(word.encode("utf-8")) % self.dim] += 1.0
+        return _normalise_rows(vectors)
+
+
+class BertMeanPoolEncoder:
+    """GLaMM's phrase embedding: mean of BERT's last hidden states over the phrase's tokens.
+
+    GLaMM encodes one phrase at a time, so its mean includes [CLS] and [SEP] and no padding;
+    batches here mask the padding out, which gives the same vectors. Loads `transformers`
+    (the `[train]` extra) and the weights on first use.
+    """
+
+    def __init__(self, model_path: str = "bert-base-uncased", device: str = "cpu",
+                 batch_size: int = 64, max_length: int = 512):
+        self.model_path = model_path
+        self.device = device
+        self.batch_size = batch_size
+        self.max_length = max_length
+        self.name = f"bert-mean-pool:{model_path}"
+        self._tokenizer: Any = None
+        self._model: Any = None
+
+    def _load(self) -> None:
+        from transformers import AutoModel, AutoTokenizer
+
+        self._tokenizer = AutoTokenizer.from_pretrained(self.model_path)
+        self._model = AutoModel.from_pretrained(self.model_path).to(self.device).eval()
+
+    def encode(self, texts: Sequence[str]) -> np.ndarray:
+        import torch
+
+        if self._model is None:
+            self._load()
+        rows = []
+        with torch.no_grad():
+            for start in range(0, len(texts), self.batch_size):
+                batch = self._tokenizer(list(texts[start:start + self.batch_size]),
+                                        return_tensors="pt", padding=True, truncation=True,
+                                        max_length=self.max_length).to(self.device)
+                hidden = self._model(**batch).last_hidden_state
+                keep = batch["attention_mask"].unsqueeze(-1).to(hidden.dtype)
+                rows.append(((hidden * keep).sum(1) / keep.sum(1)).float().cpu().numpy())
+        if not rows:
+            return np.zeros((0, 0))
+        return _normalise_rows(np.concatenate(rows).astype(np.float64))
+
+
+def plain_caption(text: str) -> str:
+    """Caption without `<p>` tags and [SEG] tokens, spaces collapsed (GLaMM's cleaning)."""
+    return " ".join(_TAG_RE.sub("", text).replace("[SEG]", "").split()).strip("'").strip()
+
+
+def ground_truth_item(record: GroundedRecord) -> GTItem:
+    """A GroundedRecord as evaluation ground truth."""
+    return GTItem(record.record_id, record.caption, [(p.text, p.mask) for p in record.phrases])
+
+
+def load_ground_truth(records_dir: Path, split: str) -> list[GTItem]:
+    """Ground truth of one split from GroundedRecord shards (`build/records`)."""
+    shards = list_shards(Path(records_dir), split)
+    if not shards:
+        raise EmptyInputError(f"no {split!r} record shards", path=records_dir)
+    return [ground_truth_item(r) for shard in shards for r in read_records(shard, GroundedRecord)]
+
+
+def _prediction_rle(value: Any, where: str, path: Path) -> RLE:
+    if not isinstance(value, dict) or "size" not in value or "counts" not in value:
+        raise BadAnnotationError(f"{where}: a mask must be an RLE object {{size, counts}}",
+                                 path=path)
+    size, counts = value["size"], value["counts"]
+    if (not isinstance(size, list) or len(size) != 2
+            or not all(isinstance(s, int) and s > 0 for s in size)):
+        raise BadAnnotationError(f"{where}: size must be [height, width], got {size!r}", path=path)
+    if isinstance(counts, list):
+        if (not all(isinstance(c, int) and c >= 0 for c in counts)
+                or sum(counts) != size[0] * size[1]):
+            raise BadAnnotationError(f"{where}: uncompressed counts do not cover {size}", path=path)
+        counts = mask_utils.frPyObjects({"size": size, "counts": counts}, *size)["counts"].decode()
+    if not isinstance(counts, str):
+        raise BadAnnotationError(f"{where}: counts must be a string or a list of ints", path=path)
+    return RLE(size=size, counts=counts)
+
+
+def _prediction_item(entry: Any, index: int, path: Path) -> PredItem:
+    where = f"entry {index}"
+    if not isinstance(entry, dict):
+        raise BadAnnotationError(f"{where}: expected an object, got {type(entry).__name__}",
+                                 path=path)
+    record_id = entry.get("image_id", entry.get("record_id"))
+    if not isinstance(record_id, (str, int)) or isinstance(record_id, bool):
+        raise BadAnnotationError(f"{where}: missing image_id (or record_id)", path=path)
+    caption = entry.get("caption", "")
+    phrases = entry.get("phrases", [])
+    rles = entry.get("pred_masks", entry.get("masks", []))
+    if not isinstance(caption, str):
+        raise BadAnnotationError(f"{where}: caption must be a string", path=path)
+    if not isinstance(phrases, list) or not all(isinstance(p, str) for p in phrases):
+        raise BadAnnotationError(f"{where}: phrases must be a list of strings", path=path)
+    if not isinstance(rles, list):
+        raise BadAnnotationError(f"{where}: pred_masks must be a list of RLE objects", path=path)
+    return PredItem(str(record_id), caption, phrases,
+                    [_prediction_rle(r, f"{where} mask {k}", path) for k, r in enumerate(rles)])
+
+
+def load_predictions(path: Path) -> list[PredItem]:
+    """Read a predictions JSON file (format in the module docstring)."""
+    path = Path(path)
+    try:
+        payload = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as err:
+        raise BadAnnotationError(f"cannot read predictions: {err}", path=path) from err
+    if not isinstance(payload, list):
+        raise BadAnnotationError("predictions must be a JSON array of per-image objects",
+                                 path=path)
+    items = [_prediction_item(entry, i, path) for i, entry in enumerate(payload)]
+    seen: set[str] = set()
+    for item in items:
+        if item.record_id in seen:
+            raise BadAnnotationError(f"two predictions for image {item.record_id!r}", path=path)
+        seen.add(item.record_id)
+    return items
+
+
+def _iou_matrix(gt: Sequence[RLE], pred: Sequence[RLE]) -> np.ndarray:
+    """IoU of every ground-truth mask (rows) with every predicted mask (columns)."""
+    if not gt or not pred:
+        return np.zeros((len(gt), len(pred)))
+    ious = mask_utils.iou([masks.to_coco(r) for r in pred], [masks.to_coco(r) for r in gt],
+                          [0] * len(gt))
+    return np.asarray(ious, dtype=np.float64).reshape(len(pred), len(gt)).T
+
+
+def greedy_pairs(scores: np.ndarray, admissible: np.ndarray) -> list[tuple[int, int]]:
+    """One-to-one (row, column) pairs taken by highest score first, among admissible cells."""
+    order = np.argsort(-scores, axis=None, kind="stable")
+    rows_used: set[int] = set()
+    cols_used: set[int] = set()
+    pairs = []
+    for flat in order:
+        row, col = np.unravel_index(flat, scores.shape)
+        if admissible[row, col] and row not in rows_used and col not in cols_used:
+            pairs.append((int(row), int(col)))
+            rows_used.add(int(row))
+            cols_used.add(int(col))
+    return pairs
+
+
+def _glamm_recall_matches(ious: np.ndarray, sims: np.ndarray, iou_threshold: float,
+                          text_threshold: float) -> int:
+    """GLaMM's `find_best_matches`: greedy by IoU, stopping at the first non-admissible pair."""
+    ious, sims = ious.copy(), sims.copy()
+    matched = 0
+    while ious.size:
+        row, col = np.unravel_index(np.argmax(ious), ious.shape)
+        if ious[row, col] < iou_threshold or sims[row, col] < text_threshold:
+            break
+        matched += 1
+        ious[row, :] = ious[:, col] = 0
+        sims[row, :] = sims[:, col] = 0
+    return matched
+
+
+def _ap50(ground_truth: Sequence[GTItem], predictions: dict[str, PredItem]) -> float:
+    """COCO mask AP at IoU 0.5, one class, all scores 1.0 (GLaMM's `COCOeval(..., "segm")`)."""
+    images, gt_anns, results = [], [], []
+    for image_id, item in enumerate(ground_truth, start=1):
+        height, width = item.phrases[0][1].size if item.phrases else (1, 1)
+        images.append({"id": image_id, "height": height, "width": width})
+        for _, rle in item.phrases:
+            gt_anns.append({"id": len(gt_anns) + 1, "image_id": image_id,
+                            "category_id": PHRASE_CATEGORY_ID, "iscrowd": 0,
+                            "segmentation": masks.to_coco(rle), "area": masks.area(rle),
+                            "bbox": masks.bbox(rle)})
+        pred = predictions.get(item.record_id)
+        for rle in pred.masks if pred else []:
+            results.append({"image_id": image_id, "category_id": PHRASE_CATEGORY_ID,
+                            "segmentation": masks.to_coco(rle), "score": 1.0})
+    if not results:
+        return 0.0
+    coco_gt = COCO()
+    coco_gt.dataset = {"images": images, "annotations": gt_anns,
+                       "categories": [{"id": PHRASE_CATEGORY_ID, "name": "grounded phrase"}]}
+    with contextlib.redirect_stdout(io.StringIO()):  # pycocotools prints its progress
+        coco_gt.createIndex()
+        coco_eval = COCOeval(coco_gt, coco_gt.loadRes(results), iouType="segm")
+        coco_eval.params.catIds = [PHRASE_CATEGORY_ID]
+        coco_eval.evaluate()
+        coco_eval.accumulate()
+        coco_eval.summarize()
+    return max(float(coco_eval.stats[1]), 0.0)
+
+
+def score_captions(references: dict[str, str], candidates: dict[str, str]
+                   ) -> tuple[dict[str, float | None], dict[str, str]]:
+    """CIDEr and METEOR with pycocoevalcap: (scores, reasons for the ones skipped)."""
+    scores: dict[str, float | None] = {name: None for name in CAPTION_METRICS}
+    try:
+        from pycocoevalcap.cider.cider import Cider
+        from pycocoevalcap.meteor.meteor import Meteor
+        from pycocoevalcap.tokenizer.ptbtokenizer import PTBTokenizer
+    except ImportError:
+        reason = "pycocoevalcap is not installed (pip install '.[train]')"
+        return scores, {name: reason for name in CAPTION_METRICS}
+    if shutil.which("java") is None:
+        reason = "Java is not on PATH (pycocoevalcap's PTB tokenizer and METEOR need it)"
+        return scores, {name: reason for name in CAPTION_METRICS}
+    tokenizer = PTBTokenizer()
+    refs = tokenizer.tokenize({k: [{"caption": v}] for k, v in references.items()})
+    cands = tokenizer.tokenize({k: [{"caption": candidates[k]}] for k in references})
+    skipped: dict[str, str] = {}
+    for name, scorer in (("cider", Cider), ("meteor", Meteor)):
+        try:
+            scores[name] = float(scorer().compute_score(refs, cands)[0])
+        except Exception as err:  # a scorer's Java subprocess failing must not lose the others
+            skipped[name] = f"{type(err).__name__}: {err}"
+    return scores, skipped
+
+
+def evaluate_gcg(ground_truth: Sequence[GTItem], predictions: Sequence[PredItem],
+                 encoder: TextEncoder, text_threshold: float = TEXT_THRESHOLD,
+                 iou_threshold: float = IOU_THRESHOLD, captions: bool = True) -> dict:
+    """RS-GCG metrics of `predictions` against `ground_truth` (definitions in the module doc).
+
+    Ground-truth images without a prediction count as an empty prediction (no masks, empty
+    caption); predictions for images not in the ground truth are ignored and counted.
+    `captions=False` skips CIDEr/METEOR (they start Java).
+    """
+    ground_truth = [GTItem(*item) for item in ground_truth]
+    predictions = [PredItem(*item) for item in predictions]
+    gt_ids = [item.record_id for item in ground_truth]
+    if len(set(gt_ids)) != len(gt_ids):
+        raise BadAnnotationError("ground truth names a record twice")
+    by_id: dict[str, PredItem] = {}
+    for pred in predictions:
+        if pred.record_id in by_id:
+            raise BadAnnotationError(f"two predictions for image {pred.record_id!r}")
+        by_id[pred.record_id] = pred
+
+    counts = {"images": len(ground_truth), "gt_phrases": 0, "pred_phrases": 0, "pred_masks": 0,
+              "matched": 0, "missing_predictions": 0, "unknown_predictions": 0,
+              "unaligned_predictions": 0}
+    counts["unknown_predictions"] = len(set(by_id) - set(gt_ids))
+    paired_iou_sum, glamm_image_mious, glamm_matched = 0.0, [], 0
+    for item in ground_truth:
+        pred = by_id.get(item.record_id)
+        if pred is None:
+            counts["missing_predictions"] += 1
+            pred = PredItem(item.record_id, "", [], [])
+        gt_texts = [text for text, _ in item.phrases]
+        gt_rles = [rle for _, rle in item.phrases]
+        sizes = {tuple(r.size) for r in [*gt_rles, *pred.masks]}
+        if len(sizes) > 1:
+            raise BadMaskError(f"image {item.record_id!r}: masks of different sizes "
+                               f"{sorted(sizes)}")
+        counts["gt_phrases"] += len(gt_texts)
+        counts["pred_phrases"] += len(pred.phrases)
+        counts["pred_masks"] += len(pred.masks)
+        if len(pred.phrases) != len(pred.masks):
+            counts["unaligned_predictions"] += 1
+
+        ious = _iou_matrix(gt_rles, pred.masks)
+        # GLaMM's mIoU matrix is predictions x ground truth: the same pairs, same tie-breaking
+        paired = [ious.T[r, c] for r, c in greedy_pairs(ious.T, ious.T > 0)]
+        paired_iou_sum += float(sum(paired))
+        glamm_image_mious.append(float(np.mean(paired)) if paired else 0.0)
+
+        n_text = min(len(pred.phrases), len(pred.masks))  # i-th phrase owns i-th mask
+        if gt_texts and n_text:
+            sims = encoder.encode(gt_texts) @ encoder.encode(list(pred.phrases[:n_text])).T
+            text_ious = ious[:, :n_text]
+            admissible = (text_ious >= iou_threshold) & (sims >= text_threshold)
+            counts["matched"] += len(greedy_pairs(text_ious, admissible))
+            glamm_matched += _glamm_recall_matches(text_ious, sims, iou_threshold, text_threshold)
+
+    if counts["unknown_predictions"]:
+        log.warning("%d predictions name images that are not in the ground truth",
+                    counts["unknown_predictions"])
+    n_gt = counts["gt_phrases"]
+    result: dict[str, Any] = {
+        "ap50": _ap50(ground_truth, by_id) if n_gt else None,
+        "miou": paired_iou_sum / n_gt if n_gt else None,
+        "miou_glamm": float(np.mean(glamm_image_mious)) if glamm_image_mious else None,
+        "recall": counts["matched"] / n_gt if n_gt else None,
+        "recall_glamm": glamm_matched / n_gt if n_gt else None,
+        "text_encoder": getattr(encoder, "name", type(encoder).__name__),
+        "text_threshold": text_threshold,
+        "iou_threshold": iou_threshold,
+    }
+    if captions and ground_truth:
+        references = {item.record_id: plain_caption(item.caption) for item in ground_truth}
+        candidates = {k: plain_caption(by_id[k].caption) if k in by_id else "" for k in references}
+        caption_scores, skipped = score_captions(references, candidates)
+    else:
+        caption_scores = {name: None for name in CAPTION_METRICS}
+        skipped = {name: "not requested" if not captions else "no images"
+                   for name in CAPTION_METRICS}
+    result.update(caption_scores)
+    for name, reason in skipped.items():
+        if captions:
+            log.warning("%s skipped: %s", name, reason)
+    result["computed"] = [k for k in ("ap50", "miou", "miou_glamm", "recall", "recall_glamm",
+                                      *CAPTION_METRICS) if result[k] is not None]
+    result["skipped"] = skipped
+    result["counts"] = counts
+    return result
+
+
+def run_evaluate(records_dir: Path, split: str, predictions_path: Path, out_path: Path,
+                 encoder: TextEncoder | None = None, captions: bool = True) -> dict:
+    """Evaluate a predictions file against one split's records; write the metrics as JSON.
+
+    The default encoder is GLaMM's (BERT), which the reported figures need.
+    """
+    metrics = evaluate_gcg(load_ground_truth(records_dir, split),
+                           load_predictions(predictions_path),
+                           encoder if encoder is not None else BertMeanPoolEncoder(),
+                           captions=captions)
+    write_json(Path(out_path), {"split": split, "predictions": str(predictions_path), **metrics})
+    return metrics

@@ -1,0 +1,159 @@
+"""Stage annotate: answer one pass's requests (holistic, instance or cluster), shard by shard.
+
+For each request shard `plan/requests/<kind>/<name>` it reads the tiles shard of the same name
+(and, for instance requests, the plan shard with the set-of-marks images), hands the whole shard
+to the backend chosen in `annotate.backend` in one `annotate` call, and writes the responses, in
+request order, to `<out>/<name>`. Backend set-up happens once per shard task, so a backend with a
+client, a response cache or retries slots in without changing the stage.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Sequence
+
+from annotators.base import REGISTRY, AnnotationContext, get_backend
+from pipeline.errors import BadParamsError, EmptyInputError
+from pipeline.params import BackendParams, Params
+from pipeline.runner import map_shards
+from pipeline.shards import list_shards, read_records, staged_folder, write_json, write_records
+from schemas import Request, Response, Tile, TilePlan
+
+KINDS = ("holistic", "instance", "cluster")
+# Failed requests listed by name in report.json (the rest are only counted).
+REPORTED_FAILURES = 20
+
+
+@dataclass(frozen=True)
+class ShardJob:
+    """One shard's work: where its inputs are and where its responses go."""
+
+    name: str
+    kind: str
+    requests: Path
+    tiles: Path
+    plan: Path | None
+    out: Path
+    backend: BackendParams
+
+
+def annotate_shard(job: ShardJob) -> dict:
+    """Answer one request shard and write its responses; returns the shard's counts."""
+    requests = read_records(job.requests, Request)
+    wanted = {r.tile_id for r in requests}
+    tiles = {t.tile_id: t for t in read_records(job.tiles, Tile) if t.tile_id in wanted}
+    images: dict[str, bytes] = {}
+    if job.plan is not None:
+        for plan in read_records(job.plan, TilePlan):
+            if plan.tile_id in wanted and plan.som_sha256 and plan.som_png is not None:
+                images[plan.som_sha256] = plan.som_png
+    backend = get_backend(job.backend)
+    answered = backend.annotate(requests, AnnotationContext(tiles=tiles, images=images))
+    responses = in_request_order(requests, answered, backend.name, backend.model)
+    write_records(job.out, responses, Response)
+    return shard_report(job.name, responses)
+
+
+def in_request_order(requests: Sequence[Request], responses: Sequence[Response],
+                     backend: str, model: str) -> list[Response]:
+    """One response per request, in request order; a request the backend left unanswered is
+    recorded as failed rather than silently dropped."""
+    by_id = {r.request_id: r for r in responses}
+    ordered = []
+    for req in requests:
+        found = by_id.get(req.request_id)
+        ordered.append(found if found is not None else Response(
+            request_id=req.request_id, tile_id=req.tile_id, kind=req.kind, status="failed",
+            error="backend returned no response", backend=backend, model=model,
+            prompt_version=req.prompt_version))
+    return ordered
+
+
+def shard_report(name: str, responses: Sequence[Response]) -> dict:
+    """Counts, tokens, cost and latency of one shard's responses."""
+    by_backend: dict[str, dict[str, int]] = {}
+    for r in responses:
+        entry = by_backend.setdefault(f"{r.backend}/{r.model}",
+                                      {"requests": 0, "ok": 0, "failed": 0})
+        entry["requests"] += 1
+        entry[r.status] += 1
+    return {
+        "name": name,
+        "requests": len(responses),
+        "ok": sum(r.status == "ok" for r in responses),
+        "failed": sum(r.status == "failed" for r in responses),
+        "cached": sum(r.cached for r in responses),
+        "by_backend": by_backend,
+        "prompt_tokens": sum(r.usage.prompt_tokens for r in responses),
+        "completion_tokens": sum(r.usage.completion_tokens for r in responses),
+        "cost_usd": sum(r.cost_usd for r in responses),
+        "latency_s": sum(r.latency_s for r in responses),
+        "failures": [{"request_id": r.request_id, "error": r.error or ""}
+                     for r in responses if r.status == "failed"][:REPORTED_FAILURES],
+    }
+
+
+def stage_report(kind: str, backend: BackendParams, shards: Sequence[dict]) -> dict:
+    """The stage's report.json: totals over shards, plus each shard's counts."""
+    requests = sum(s["requests"] for s in shards)
+    by_backend: dict[str, dict[str, int]] = {}
+    for s in shards:
+        for key, counts in s["by_backend"].items():
+            entry = by_backend.setdefault(key, {"requests": 0, "ok": 0, "failed": 0})
+            for field, value in counts.items():
+                entry[field] += value
+    prompt = sum(s["prompt_tokens"] for s in shards)
+    completion = sum(s["completion_tokens"] for s in shards)
+    latency = sum(s["latency_s"] for s in shards)
+    return {
+        "stage": "annotate",
+        "kind": kind,
+        "backend": backend.name,
+        "model": backend.model,
+        "shards": len(shards),
+        "requests": requests,
+        "ok": sum(s["ok"] for s in shards),
+        "failed": sum(s["failed"] for s in shards),
+        "cached": sum(s["cached"] for s in shards),
+        "by_backend": by_backend,
+        "tokens": {"prompt": prompt, "completion": completion, "total": prompt + completion},
+        "cost_usd": round(sum(s["cost_usd"] for s in shards), 6),
+        "mean_latency_s": round(latency / requests, 6) if requests else 0.0,
+        "failures": [f for s in shards for f in s["failures"]][:REPORTED_FAILURES],
+        "per_shard": [{k: s[k] for k in ("name", "requests", "ok", "failed")} for s in shards],
+    }
+
+
+def run_annotate(params: Params, kind: str, tiles_dir: Path, plan_dir: Path, out_dir: Path,
+                 scheduler: str | None = None) -> dict:
+    """Answer every `kind` request of the plan; write `out_dir/<shard>` and `report.json`."""
+    if kind not in KINDS:
+        raise BadParamsError(f"unknown annotation pass {kind!r}; expected one of {list(KINDS)}")
+    backend = params.annotate.backend
+    if backend.name not in REGISTRY:
+        raise BadParamsError(f"annotate.backend.name: backend {backend.name!r} is not available "
+                             f"here; available: {sorted(REGISTRY)}", "params.yaml")
+    tiles_dir, plan_dir, out_dir = Path(tiles_dir), Path(plan_dir), Path(out_dir)
+    requests_dir = plan_dir / "requests" / kind
+    if not requests_dir.is_dir():
+        raise EmptyInputError(f"no {kind} request folder (run the plan stage first)", requests_dir)
+    shards = list_shards(requests_dir)
+    for shard in shards:
+        needed = [tiles_dir / shard.name] + ([plan_dir / "tiles" / shard.name]
+                                             if kind == "instance" else [])
+        for path in needed:
+            if not path.is_file():
+                raise EmptyInputError(f"missing shard for request shard {shard.name} (tiles and "
+                                      "plan are out of step; re-run prepare and plan)", path)
+    runner = params.runner
+    with staged_folder(out_dir) as staging:
+        jobs = [ShardJob(name=s.name, kind=kind, requests=s, tiles=tiles_dir / s.name,
+                         plan=plan_dir / "tiles" / s.name if kind == "instance" else None,
+                         out=staging / s.name, backend=backend) for s in shards]
+        reports = map_shards(annotate_shard, jobs, label=f"annotate {kind}",
+                             scheduler=scheduler or runner.scheduler,
+                             local_scheduler=runner.local_scheduler, workers=runner.workers)
+        report = stage_report(kind, backend, reports)
+        write_json(staging / "report.json", report)
+    return report
