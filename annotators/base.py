@@ -8,10 +8,11 @@ concurrency and retries live inside the backend.
 from __future__ import annotations
 
 import importlib
+import inspect
 from dataclasses import dataclass, field
 from typing import Mapping, Protocol, Sequence, runtime_checkable
 
-from pipeline.params import BackendParams
+from pipeline.params import BackendParams, CacheParams
 from schemas import Request, Response, Tile
 
 
@@ -45,13 +46,21 @@ class Backend(Protocol):
 # backend never imports torch or openai.
 REGISTRY: dict[str, str] = {
     "template": "annotators.template:TemplateBackend",
+    "openai": "annotators.openai_backend:OpenAIBackend",
 }
 
 
-def get_backend(params: BackendParams) -> Backend:
+def get_backend(params: BackendParams, cache: CacheParams | None = None) -> Backend:
+    """Build the backend `params.name` names. Backends that pay per call take a `cache`
+    argument and get the response cache `cache` describes; free ones (template) get none."""
     try:
         target = REGISTRY[params.name]
     except KeyError:
         raise ValueError(f"unknown backend {params.name!r}; known: {sorted(REGISTRY)}") from None
-    module, factory = target.split(":")
-    return getattr(importlib.import_module(module), factory)(params)
+    module, name = target.split(":")
+    factory = getattr(importlib.import_module(module), name)
+    if cache is not None and "cache" in inspect.signature(factory).parameters:
+        from annotators.cache import ResponseCache
+
+        return factory(params, cache=ResponseCache.from_params(cache))
+    return factory(params)

@@ -15,7 +15,7 @@ from typing import Sequence
 
 from annotators.base import REGISTRY, AnnotationContext, get_backend
 from pipeline.errors import BadParamsError, EmptyInputError
-from pipeline.params import BackendParams, Params
+from pipeline.params import BackendParams, CacheParams, Params
 from pipeline.runner import map_shards
 from pipeline.shards import list_shards, read_records, staged_folder, write_json, write_records
 from schemas import Request, Response, Tile, TilePlan
@@ -36,6 +36,7 @@ class ShardJob:
     plan: Path | None
     out: Path
     backend: BackendParams
+    cache: CacheParams
 
 
 def annotate_shard(job: ShardJob) -> dict:
@@ -48,11 +49,15 @@ def annotate_shard(job: ShardJob) -> dict:
         for plan in read_records(job.plan, TilePlan):
             if plan.tile_id in wanted and plan.som_sha256 and plan.som_png is not None:
                 images[plan.som_sha256] = plan.som_png
-    backend = get_backend(job.backend)
+    backend = get_backend(job.backend, cache=job.cache)
     answered = backend.annotate(requests, AnnotationContext(tiles=tiles, images=images))
     responses = in_request_order(requests, answered, backend.name, backend.model)
     write_records(job.out, responses, Response)
-    return shard_report(job.name, responses)
+    report = shard_report(job.name, responses)
+    stats = getattr(backend, "stats", None)
+    if stats is not None:
+        report["backend_stats"] = stats.as_dict()
+    return report
 
 
 def in_request_order(requests: Sequence[Request], responses: Sequence[Response],
@@ -88,10 +93,27 @@ def shard_report(name: str, responses: Sequence[Response]) -> dict:
         "prompt_tokens": sum(r.usage.prompt_tokens for r in responses),
         "completion_tokens": sum(r.usage.completion_tokens for r in responses),
         "cost_usd": sum(r.cost_usd for r in responses),
+        "spent_usd": sum(r.cost_usd for r in responses if not r.cached),
         "latency_s": sum(r.latency_s for r in responses),
         "failures": [{"request_id": r.request_id, "error": r.error or ""}
                      for r in responses if r.status == "failed"][:REPORTED_FAILURES],
     }
+
+
+def _summed(dicts: Sequence[dict]) -> dict:
+    """Add up nested counters (numbers summed, sub-dicts merged, other values kept once)."""
+    total: dict = {}
+    for d in dicts:
+        for key, value in d.items():
+            if isinstance(value, list):
+                total[key] = sorted(set(total.get(key, [])) | set(value))
+            elif isinstance(value, bool) or not isinstance(value, (int, float, dict)):
+                total.setdefault(key, value)
+            elif isinstance(value, dict):
+                total[key] = _summed([total.get(key, {}), value])
+            else:
+                total[key] = total.get(key, 0) + value
+    return total
 
 
 def stage_report(kind: str, backend: BackendParams, shards: Sequence[dict]) -> dict:
@@ -118,7 +140,10 @@ def stage_report(kind: str, backend: BackendParams, shards: Sequence[dict]) -> d
         "cached": sum(s["cached"] for s in shards),
         "by_backend": by_backend,
         "tokens": {"prompt": prompt, "completion": completion, "total": prompt + completion},
+        # cost of every answer, and what this run paid (answers from the cache cost nothing new)
         "cost_usd": round(sum(s["cost_usd"] for s in shards), 6),
+        "spent_usd": round(sum(s["spent_usd"] for s in shards), 6),
+        "backend_stats": _summed([s["backend_stats"] for s in shards if "backend_stats" in s]),
         "mean_latency_s": round(latency / requests, 6) if requests else 0.0,
         "failures": [f for s in shards for f in s["failures"]][:REPORTED_FAILURES],
         "per_shard": [{k: s[k] for k in ("name", "requests", "ok", "failed")} for s in shards],
@@ -134,6 +159,7 @@ def run_annotate(params: Params, kind: str, tiles_dir: Path, plan_dir: Path, out
     if backend.name not in REGISTRY:
         raise BadParamsError(f"annotate.backend.name: backend {backend.name!r} is not available "
                              f"here; available: {sorted(REGISTRY)}", "params.yaml")
+    get_backend(backend)  # set-up mistakes (a missing API key, ...) stop here, before any work
     tiles_dir, plan_dir, out_dir = Path(tiles_dir), Path(plan_dir), Path(out_dir)
     requests_dir = plan_dir / "requests" / kind
     if not requests_dir.is_dir():
@@ -147,10 +173,13 @@ def run_annotate(params: Params, kind: str, tiles_dir: Path, plan_dir: Path, out
                 raise EmptyInputError(f"missing shard for request shard {shard.name} (tiles and "
                                       "plan are out of step; re-run prepare and plan)", path)
     runner = params.runner
+    # workers may run elsewhere: the cache path must not depend on their working directory
+    cache = params.annotate.cache.model_copy(
+        update={"path": str(Path(params.annotate.cache.path).resolve())})
     with staged_folder(out_dir) as staging:
         jobs = [ShardJob(name=s.name, kind=kind, requests=s, tiles=tiles_dir / s.name,
                          plan=plan_dir / "tiles" / s.name if kind == "instance" else None,
-                         out=staging / s.name, backend=backend) for s in shards]
+                         out=staging / s.name, backend=backend, cache=cache) for s in shards]
         reports = map_shards(annotate_shard, jobs, label=f"annotate {kind}",
                              scheduler=scheduler or runner.scheduler,
                              local_scheduler=runner.local_scheduler, workers=runner.workers)

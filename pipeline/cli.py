@@ -148,6 +148,7 @@ def build(
     scheduler: SchedulerOpt = None,
 ) -> None:
     """Run every stage for the given split(s), through the same functions as `dvc repro`."""
+    from annotators.base import get_backend
     from pipeline.annotate import run_annotate
     from pipeline.compose import run_compose
     from pipeline.export import run_export
@@ -157,6 +158,7 @@ def build(
     p = _params(params, **{"data.source": source, "data.root": str(root) if root else None,
                            "data.splits": split or None, "annotate.backend.name": backend})
     sched = scheduler or p.runner.scheduler
+    get_backend(p.annotate.backend)  # a backend set-up mistake stops the build before prepare
     _done("prepare", out / "tiles", run_prepare(p, out / "tiles", splits=split or None, scheduler=sched))
     _done("plan", out / "plan", run_plan(p, out / "tiles", out / "plan", scheduler=sched))
     for cli_name, kind in KINDS.items():

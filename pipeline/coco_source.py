@@ -19,6 +19,7 @@ from typing import Any, Iterator
 import numpy as np
 from pycocotools import mask as mask_utils
 
+from pipeline import masks
 from pipeline.errors import BadAnnotationError, BadImageError, DuplicateNameError
 from pipeline.imaging import decode_image, encode_png, image_size, sha256
 from pipeline.isaid import natural_key, run_length_rle, tile_layout
@@ -62,30 +63,11 @@ def _is_number(value: object) -> bool:
 
 
 def rle_string_counts(text: str) -> list[int] | None:
-    """Run lengths of a compressed COCO RLE string, or None if it is malformed (pycocotools
-    decodes a malformed string into garbage instead of failing)."""
-    counts: list[int] = []
-    pos = 0
-    while pos < len(text):
-        value, shift, more = 0, 0, True
-        while more:
-            if pos >= len(text):
-                return None
-            c = ord(text[pos]) - 48
-            if not 0 <= c < 64:
-                return None
-            value |= (c & 0x1F) << shift
-            more = bool(c & 0x20)
-            pos += 1
-            shift += 5
-            if not more and c & 0x10:
-                value |= -1 << shift
-        if len(counts) > 2:
-            value += counts[-2]
-        if value < 0:
-            return None
-        counts.append(value)
-    return counts
+    """Run lengths of a compressed COCO RLE string, or None if it is malformed."""
+    try:
+        return masks.run_lengths(text)
+    except ValueError:
+        return None
 
 
 def _check_segmentation(seg: object, height: int, width: int, where: str, path: Path) -> None:

@@ -27,6 +27,58 @@ def decode(rle: RLE) -> np.ndarray:
     return mask_utils.decode(to_coco(rle))
 
 
+def run_lengths(counts: str) -> list[int]:
+    """Uncompress a COCO RLE counts string into alternating 0/1 run lengths (as pycocotools'
+    rleFrString: 5 bits a character, continuation bit 0x20, sign bit 0x10, deltas from the
+    run two places back). Raises ValueError on a malformed string, which pycocotools would
+    silently decode into garbage."""
+    runs: list[int] = []
+    pos, end = 0, len(counts)
+    while pos < end:
+        value, shift, more = 0, 0, True
+        while more:
+            if pos >= end:
+                raise ValueError("RLE counts string ends inside a number")
+            c = ord(counts[pos]) - 48
+            if not 0 <= c < 64:
+                raise ValueError(f"character {counts[pos]!r} is not in the RLE alphabet")
+            value |= (c & 0x1F) << shift
+            more = bool(c & 0x20)
+            pos += 1
+            shift += 5
+            if not more and c & 0x10:
+                value |= -1 << shift
+        if len(runs) > 2:
+            value += runs[-2]
+        if value < 0:
+            raise ValueError("negative run length")
+        runs.append(value)
+    return runs
+
+
+def decode_crop(rle: RLE) -> tuple[np.ndarray, int, int]:
+    """Decode only the mask's bounding box: (crop, x0, y0), crop uint8 0/1. Much cheaper than
+    `decode` for the small objects aerial tiles are full of; an empty mask gives a 0x0 crop."""
+    height = rle.size[0]
+    runs = np.asarray(run_lengths(rle.counts), dtype=np.int64)
+    ends = np.cumsum(runs)
+    starts = ends - runs
+    ones_start, ones_len = starts[1::2], runs[1::2]
+    keep = ones_len > 0
+    ones_start, ones_len = ones_start[keep], ones_len[keep]
+    if ones_start.size == 0:
+        return np.zeros((0, 0), np.uint8), 0, 0
+    # every foreground pixel's column-major index, without a Python loop over pixels
+    total = int(ones_len.sum())
+    offsets = np.repeat(ones_start - np.concatenate(([0], np.cumsum(ones_len)[:-1])), ones_len)
+    index = np.arange(total, dtype=np.int64) + offsets
+    xs, ys = np.divmod(index, height)
+    x0, y0 = int(xs.min()), int(ys.min())
+    crop = np.zeros((int(ys.max()) - y0 + 1, int(xs.max()) - x0 + 1), np.uint8)
+    crop[ys - y0, xs - x0] = 1
+    return crop, x0, y0
+
+
 def area(rle: RLE) -> int:
     return int(mask_utils.area(to_coco(rle)))
 

@@ -124,17 +124,13 @@ def instance_masks(tile_id: str, height: int, width: int,
             raise BadMaskError(f"tile {tile_id}: object {obj.object_id} has a "
                                f"{obj.mask.size[0]}x{obj.mask.size[1]} mask, the tile is "
                                f"{height}x{width}")
-        full = masks.decode(obj.mask)
-        rows = np.flatnonzero(full.any(axis=1))
-        if rows.size == 0:
+        crop, x0, y0 = masks.decode_crop(obj.mask)
+        if crop.size == 0:
             bx, by, bw, bh = obj.bbox
             found.append(InstanceMask(obj.object_id, obj.category, obj.area,
                                       np.zeros((0, 0), np.uint8), int(bx), int(by),
                                       (bx + bw / 2, by + bh / 2)))
             continue
-        cols = np.flatnonzero(full.any(axis=0))
-        y0, y1, x0, x1 = int(rows[0]), int(rows[-1]) + 1, int(cols[0]), int(cols[-1]) + 1
-        crop = np.ascontiguousarray(full[y0:y1, x0:x1])
         ys, xs = np.nonzero(crop)
         centroid = (float(xs.mean()) + x0 + 0.5, float(ys.mean()) + y0 + 0.5)
         found.append(InstanceMask(obj.object_id, obj.category, obj.area, crop, x0, y0, centroid))

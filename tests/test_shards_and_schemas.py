@@ -86,3 +86,24 @@ def test_staged_folder_keeps_previous_output_on_failure(tmp_path):
     with staged_folder(out) as staging:
         (staging / "b.txt").write_text("second")
     assert sorted(p.name for p in out.iterdir()) == ["b.txt"]
+
+
+def test_decode_crop_equals_full_decode_on_random_and_edge_masks():
+    rng = np.random.default_rng(0)
+    cases = [np.zeros((40, 30), np.uint8), np.ones((40, 30), np.uint8)]
+    for _ in range(40):
+        m = (rng.random((rng.integers(1, 60), rng.integers(1, 60))) > rng.random()).astype(np.uint8)
+        cases.append(m)
+    blob = np.zeros((800, 800), np.uint8)
+    blob[790:800, 0:5] = 1          # runs that wrap from one column to the next
+    blob[0:3, 799] = 1
+    cases.append(blob)
+    for m in cases:
+        crop, x0, y0 = masks.decode_crop(masks.encode(m))
+        full = np.zeros_like(m)
+        full[y0:y0 + crop.shape[0], x0:x0 + crop.shape[1]] = crop
+        assert np.array_equal(full, m)
+        if m.any():
+            ys, xs = np.nonzero(m)
+            assert (x0, y0) == (xs.min(), ys.min())
+            assert crop.shape == (ys.max() - ys.min() + 1, xs.max() - xs.min() + 1)

@@ -1,0 +1,179 @@
+"""The response cache: every paid answer, kept by a content key, so nothing is asked twice.
+
+The key is the sha256 of everything that shapes an answer (backend, model, prompt version,
+rendered prompt, image sha256, generation and image-encoding parameters) and nothing else: no
+API key, no base URL, no request id. A changed prompt gives a new key (so only it is re-asked);
+a killed run finds every answer that arrived before the kill.
+
+SQLite in WAL mode, one autocommit `INSERT OR IGNORE` per answer: several processes (dask
+workers, two shells) can write at once, and each answer is on disk as soon as it arrives.
+Only successes are stored; a failure is retried on the next run.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import sqlite3
+import threading
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Mapping, Optional
+
+from pipeline.params import CacheParams
+from schemas import Response, Usage
+
+_SCHEMA = """
+CREATE TABLE IF NOT EXISTS responses (
+    key TEXT PRIMARY KEY,
+    text TEXT NOT NULL,
+    raw_text TEXT NOT NULL,
+    backend TEXT NOT NULL,
+    model TEXT NOT NULL,
+    served_model TEXT NOT NULL,
+    prompt_tokens INTEGER NOT NULL,
+    completion_tokens INTEGER NOT NULL,
+    cost_usd REAL NOT NULL,
+    latency_s REAL NOT NULL,
+    attempts INTEGER NOT NULL,
+    created_at REAL NOT NULL
+)
+"""
+_SETUP_RETRY_S = 0.01  # pause between tries while another process sets the file up
+_COLUMNS = ("key", "text", "raw_text", "backend", "model", "served_model", "prompt_tokens",
+            "completion_tokens", "cost_usd", "latency_s", "attempts", "created_at")
+
+
+def cache_key(*, backend: str, model: str, prompt_version: str, prompt: str, image_sha256: str,
+              generation: Mapping[str, Any]) -> str:
+    """sha256 of the canonical JSON of what shapes an answer. `generation` holds the sampling
+    and image-encoding parameters (temperature, max_tokens, seed, image format, quality,
+    detail); secrets never belong in it."""
+    blob = json.dumps({"backend": backend, "model": model, "prompt_version": prompt_version,
+                       "prompt": prompt, "image_sha256": image_sha256,
+                       "generation": dict(generation)},
+                      sort_keys=True, separators=(",", ":"), ensure_ascii=False)
+    return hashlib.sha256(blob.encode("utf-8")).hexdigest()
+
+
+@dataclass(frozen=True)
+class CachedAnswer:
+    """A stored successful answer: the cleaned text, the model's raw text (re-cleaned on read,
+    so that a cleaning fix applies without paying again) and what the call cost."""
+
+    text: str
+    raw_text: str
+    backend: str
+    model: str
+    served_model: str
+    usage: Usage
+    cost_usd: float
+    latency_s: float
+    attempts: int
+
+
+class ResponseCache:
+    """Content-addressed store of successful answers in one SQLite file.
+
+    Safe to share between threads of one process and between processes; picklable (it reopens
+    its connection in the process that uses it).
+    """
+
+    def __init__(self, path: str | Path, busy_timeout_s: float = 30.0):
+        self.path = Path(path)
+        self.busy_timeout_s = busy_timeout_s
+        self._lock = threading.Lock()
+        self._conn: Optional[sqlite3.Connection] = None
+        self._pid: Optional[int] = None
+
+    @classmethod
+    def from_params(cls, params: CacheParams) -> Optional["ResponseCache"]:
+        """The cache `annotate.cache` asks for, or None when it is disabled."""
+        return cls(params.path, params.busy_timeout_s) if params.enabled else None
+
+    def __getstate__(self) -> dict:
+        return {"path": self.path, "busy_timeout_s": self.busy_timeout_s}
+
+    def __setstate__(self, state: dict) -> None:
+        self.__init__(state["path"], state["busy_timeout_s"])
+
+    def _connection(self) -> sqlite3.Connection:
+        if self._conn is None or self._pid != os.getpid():
+            self.path.parent.mkdir(parents=True, exist_ok=True)
+            conn = sqlite3.connect(self.path, timeout=self.busy_timeout_s,
+                                   isolation_level=None, check_same_thread=False)
+            conn.execute(f"PRAGMA busy_timeout = {int(self.busy_timeout_s * 1000)}")
+            self._set_up(conn)
+            # WAL + NORMAL: a committed answer survives a killed process (not a power cut).
+            conn.execute("PRAGMA synchronous = NORMAL")
+            self._conn, self._pid = conn, os.getpid()
+        return self._conn
+
+    def _set_up(self, conn: sqlite3.Connection) -> None:
+        """WAL mode and the table. Switching a new file to WAL takes an exclusive lock that
+        SQLite does not wait for (busy_timeout does not apply), so two processes opening the
+        same new cache retry here until `busy_timeout_s`."""
+        deadline = time.monotonic() + self.busy_timeout_s
+        while True:
+            try:
+                if conn.execute("PRAGMA journal_mode").fetchone()[0].lower() != "wal":
+                    conn.execute("PRAGMA journal_mode = WAL")
+                conn.execute(_SCHEMA)
+                return
+            except sqlite3.OperationalError as exc:
+                busy = "locked" in str(exc) or "busy" in str(exc)
+                if not busy or time.monotonic() > deadline:
+                    raise
+                time.sleep(_SETUP_RETRY_S)
+
+    def get(self, key: str) -> Optional[CachedAnswer]:
+        with self._lock:
+            row = self._connection().execute(
+                f"SELECT {', '.join(_COLUMNS)} FROM responses WHERE key = ?", (key,)).fetchone()
+        if row is None:
+            return None
+        r = dict(zip(_COLUMNS, row))
+        return CachedAnswer(
+            text=r["text"], raw_text=r["raw_text"], backend=r["backend"], model=r["model"],
+            served_model=r["served_model"],
+            usage=Usage(prompt_tokens=r["prompt_tokens"], completion_tokens=r["completion_tokens"]),
+            cost_usd=r["cost_usd"], latency_s=r["latency_s"], attempts=r["attempts"])
+
+    def put(self, key: str, response: Response, *, raw_text: Optional[str] = None,
+            served_model: Optional[str] = None, replace: bool = False) -> bool:
+        """Store a successful response (committed at once). A failed one is not stored, so it
+        is asked again next run; returns whether a row was written. An existing key is kept
+        unless `replace` (a stored answer that no longer passes cleaning)."""
+        if response.status != "ok":
+            return False
+        verb = "INSERT OR REPLACE" if replace else "INSERT OR IGNORE"
+        values = (key, response.text, raw_text if raw_text is not None else response.text,
+                  response.backend, response.model, served_model or response.model,
+                  response.usage.prompt_tokens, response.usage.completion_tokens,
+                  response.cost_usd, response.latency_s, response.attempts, time.time())
+        with self._lock:
+            cur = self._connection().execute(
+                f"{verb} INTO responses ({', '.join(_COLUMNS)}) "
+                f"VALUES ({', '.join('?' * len(_COLUMNS))})", values)
+        return cur.rowcount > 0
+
+    def __len__(self) -> int:
+        with self._lock:
+            return self._connection().execute("SELECT COUNT(*) FROM responses").fetchone()[0]
+
+    def __contains__(self, key: str) -> bool:
+        return self.get(key) is not None
+
+    def close(self) -> None:
+        with self._lock:
+            if self._conn is not None and self._pid == os.getpid():
+                self._conn.close()
+            self._conn = None
+
+    def __enter__(self) -> "ResponseCache":
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
