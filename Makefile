@@ -1,29 +1,41 @@
 # The README's two commands:
-#   make demo   set up, then run the whole pipeline on the bundled samples (dvc repro, offline)
-#   make test   set up, then run the test suite (what .ci/run calls)
+#   make demo   set up (core install, no torch), run the whole pipeline on the bundled samples
+#               with the offline template backend (dvc repro), print a summary
+#   make test   set up (core + every extra, so model, SAM and training code is tested for real),
+#               run the test suite; this is what .ci/run calls
 PYTHON ?= python3
 VENV   ?= .venv
 BIN    := $(VENV)/bin
-STAMP  := $(VENV)/.installed-core-dev
+CORE   := $(VENV)/.installed-core
+FULL   := $(VENV)/.installed-full
+# the extras the tests exercise; torch/torchvision are pinned to builds on local disk
+TEST_EXTRAS ?= dev,local,sam,train
 
-.PHONY: setup demo test test-all bench clean
+.PHONY: setup setup-test demo test test-all bench clean
 
-$(STAMP): pyproject.toml
+$(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
 	$(BIN)/python -m pip install -q --upgrade pip
-	$(BIN)/python -m pip install -q -e ".[dev]"
-	touch $(STAMP)
 
-setup: $(STAMP)
+$(CORE): pyproject.toml | $(BIN)/python
+	$(BIN)/python -m pip install -q -e .
+	touch $@
+
+$(FULL): pyproject.toml | $(BIN)/python
+	$(BIN)/python -m pip install -q -e ".[$(TEST_EXTRAS)]"
+	touch $@ $(CORE)
+
+setup: $(CORE)
+setup-test: $(FULL)
 
 demo: setup
-	$(BIN)/dvc repro
+	PATH="$(CURDIR)/$(BIN):$$PATH" $(BIN)/dvc repro
 	$(BIN)/geopixeld summary build
 
-test: setup
+test: setup-test
 	$(BIN)/python -m pytest -q
 
-test-all: setup
+test-all: setup-test
 	$(BIN)/python -m pytest -q -m "slow or not slow"
 
 bench: setup

@@ -22,6 +22,11 @@ ISAID_PALETTE: dict[str, tuple[int, int, int]] = {
 }
 
 
+# Category of an object whose class is not known (new imagery masked by SAM): such objects are
+# described with the category-free prompt variant, never with an invented category.
+UNKNOWN_CATEGORY = "object"
+
+
 def colour_value(rgb: tuple[int, int, int]) -> int:
     """The devkit's scalar for an RGB colour: R + 256 G + 65536 B."""
     r, g, b = rgb

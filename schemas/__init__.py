@@ -14,6 +14,9 @@ from schemas.records import (
     Request,
     RequestKind,
     Response,
+    ReviewDecision,
+    ReviewDecisionKind,
+    ReviewStatus,
     Tile,
     TilePlan,
     Usage,
@@ -23,6 +26,6 @@ from schemas.records import (
 
 __all__ = [
     "RLE", "SCHEMA_VERSION", "Cluster", "DroppedRecord", "GroundedRecord", "Mark",
-    "ObjectInstance", "Phrase", "Provenance", "Record", "Request", "RequestKind", "Response",
+    "ObjectInstance", "Phrase", "Provenance", "Record", "Request", "RequestKind", "Response", "ReviewDecision", "ReviewDecisionKind", "ReviewStatus",
     "Tile", "TilePlan", "Usage", "Window", "arrow_schema",
 ]

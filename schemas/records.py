@@ -16,7 +16,7 @@ from pydantic import BaseModel, ConfigDict, Field
 
 SCHEMA_VERSION = "1.0"
 
-RequestKind = Literal["holistic", "instance", "cluster"]
+RequestKind = Literal["holistic", "instance", "cluster", "instance_batch", "compose"]
 PhraseKind = Literal["instance", "cluster"]
 ResponseStatus = Literal["ok", "failed"]
 
@@ -74,6 +74,9 @@ class Tile(Record):
     image_png: bytes = Field(repr=False, description="the tile as an 8-bit RGB PNG")
     image_sha256: str = Field(description="sha256 of image_png")
     objects: list[ObjectInstance]
+    crs: Optional[str] = Field(default=None, description="scene CRS (WKT or EPSG:n), if georeferenced")
+    transform: Optional[list[float]] = Field(
+        default=None, description="affine (a, b, c, d, e, f) from tile pixels to CRS coordinates")
 
 
 class Mark(Record):
@@ -171,6 +174,10 @@ class Provenance(Record):
     pipeline_version: str
 
 
+ReviewStatus = Literal["unreviewed", "accepted", "edited"]
+ReviewDecisionKind = Literal["accept", "reject", "edit"]
+
+
 class GroundedRecord(Record):
     """A finished GeoPixelD record: caption whose i-th [SEG] owns phrases[i].mask."""
 
@@ -180,6 +187,18 @@ class GroundedRecord(Record):
     caption: str
     phrases: list[Phrase]
     provenance: Provenance
+    review: ReviewStatus = "unreviewed"
+
+
+class ReviewDecision(Record):
+    """A person's decision on one record, tied to the exact content they reviewed."""
+
+    record_id: str
+    content_sha256: str = Field(description="hash of the caption and phrases as reviewed")
+    decision: ReviewDecisionKind
+    caption: Optional[str] = Field(default=None, description="the edited caption (edit only)")
+    reviewer: str = ""
+    note: str = ""
 
 
 class DroppedRecord(Record):
