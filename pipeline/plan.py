@@ -13,7 +13,6 @@ import json
 from collections import Counter
 from functools import partial
 from pathlib import Path
-from typing import get_args
 
 import prompts
 from pipeline.errors import BadAnnotationError, EmptyInputError, GeoPixelDError
@@ -24,9 +23,10 @@ from pipeline.priors import (InstanceMask, category_prior, check_plan_params, in
 from pipeline.runner import map_shards
 from pipeline.set_of_marks import place_marks, render_set_of_marks
 from pipeline.shards import list_shards, read_records, staged_folder, write_json, write_records
-from schemas import Request, RequestKind, Tile, TilePlan
+from schemas import Request, Tile, TilePlan
 
-KINDS: tuple[str, ...] = get_args(RequestKind)
+# the passes plan writes requests for (RequestKind also has kinds that later stages make)
+KINDS: tuple[str, ...] = ("holistic", "instance", "cluster")
 
 __all__ = ["KINDS", "plan_shard", "plan_tile", "request_id", "run_plan"]
 
