@@ -9,7 +9,7 @@ BIN    := $(VENV)/bin
 CORE   := $(VENV)/.installed-core
 FULL   := $(VENV)/.installed-full
 # the extras the tests exercise; torch/torchvision are pinned to builds on local disk
-TEST_EXTRAS ?= dev,local,sam,train
+TEST_EXTRAS ?= dev,local,sam,train,geo
 
 .PHONY: setup setup-test demo test test-all bench clean
 

@@ -47,6 +47,7 @@ class Backend(Protocol):
 REGISTRY: dict[str, str] = {
     "template": "annotators.template:TemplateBackend",
     "openai": "annotators.openai_backend:OpenAIBackend",
+    "transformers": "annotators.transformers_backend:TransformersBackend",
 }
 
 

@@ -8,6 +8,10 @@ a killed run finds every answer that arrived before the kill.
 SQLite in WAL mode, one autocommit `INSERT OR IGNORE` per answer: several processes (dask
 workers, two shells) can write at once, and each answer is on disk as soon as it arrives.
 Only successes are stored; a failure is retried on the next run.
+
+The same file keeps the open Batch API jobs (`batches` table): an uploaded input file, the
+batch made from it and the keys it answers, written before the batch is polled, so that a
+killed run resumes polling the same batch instead of paying for a new one.
 """
 
 from __future__ import annotations
@@ -20,7 +24,7 @@ import threading
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Mapping, Optional
+from typing import Any, Mapping, Optional, Sequence
 
 from pipeline.params import CacheParams
 from schemas import Response, Usage
@@ -41,7 +45,18 @@ CREATE TABLE IF NOT EXISTS responses (
     created_at REAL NOT NULL
 )
 """
+_BATCHES_SCHEMA = """
+CREATE TABLE IF NOT EXISTS batches (
+    input_file_id TEXT PRIMARY KEY,
+    batch_id TEXT,
+    base_url TEXT NOT NULL,
+    keys TEXT NOT NULL,
+    status TEXT NOT NULL,
+    created_at REAL NOT NULL
+)
+"""
 _SETUP_RETRY_S = 0.01  # pause between tries while another process sets the file up
+_KEYS_PER_QUERY = 500  # keys per lookup query, below SQLite's bound on host parameters
 _COLUMNS = ("key", "text", "raw_text", "backend", "model", "served_model", "prompt_tokens",
             "completion_tokens", "cost_usd", "latency_s", "attempts", "created_at")
 
@@ -72,6 +87,26 @@ class CachedAnswer:
     cost_usd: float
     latency_s: float
     attempts: int
+
+
+@dataclass(frozen=True)
+class OpenBatch:
+    """A Batch API job not yet collected: its input file, its batch (None when the run stopped
+    between upload and creation) and the keys it answers (key -> re-ask number)."""
+
+    input_file_id: str
+    batch_id: Optional[str]
+    keys: dict
+    created_at: float
+
+
+def _answer(row: Sequence) -> CachedAnswer:
+    r = dict(zip(_COLUMNS, row))
+    return CachedAnswer(
+        text=r["text"], raw_text=r["raw_text"], backend=r["backend"], model=r["model"],
+        served_model=r["served_model"],
+        usage=Usage(prompt_tokens=r["prompt_tokens"], completion_tokens=r["completion_tokens"]),
+        cost_usd=r["cost_usd"], latency_s=r["latency_s"], attempts=r["attempts"])
 
 
 class ResponseCache:
@@ -121,6 +156,7 @@ class ResponseCache:
                 if conn.execute("PRAGMA journal_mode").fetchone()[0].lower() != "wal":
                     conn.execute("PRAGMA journal_mode = WAL")
                 conn.execute(_SCHEMA)
+                conn.execute(_BATCHES_SCHEMA)
                 return
             except sqlite3.OperationalError as exc:
                 busy = "locked" in str(exc) or "busy" in str(exc)
@@ -132,14 +168,20 @@ class ResponseCache:
         with self._lock:
             row = self._connection().execute(
                 f"SELECT {', '.join(_COLUMNS)} FROM responses WHERE key = ?", (key,)).fetchone()
-        if row is None:
-            return None
-        r = dict(zip(_COLUMNS, row))
-        return CachedAnswer(
-            text=r["text"], raw_text=r["raw_text"], backend=r["backend"], model=r["model"],
-            served_model=r["served_model"],
-            usage=Usage(prompt_tokens=r["prompt_tokens"], completion_tokens=r["completion_tokens"]),
-            cost_usd=r["cost_usd"], latency_s=r["latency_s"], attempts=r["attempts"])
+        return None if row is None else _answer(row)
+
+    def get_many(self, keys: Sequence[str]) -> dict[str, CachedAnswer]:
+        """The stored answers among `keys` (one query per chunk of keys, not one per key)."""
+        found: dict[str, CachedAnswer] = {}
+        unique = list(dict.fromkeys(keys))
+        for start in range(0, len(unique), _KEYS_PER_QUERY):
+            chunk = unique[start:start + _KEYS_PER_QUERY]
+            with self._lock:
+                rows = self._connection().execute(
+                    f"SELECT {', '.join(_COLUMNS)} FROM responses WHERE key IN "
+                    f"({', '.join('?' * len(chunk))})", chunk).fetchall()
+            found.update((row[0], _answer(row)) for row in rows)
+        return found
 
     def put(self, key: str, response: Response, *, raw_text: Optional[str] = None,
             served_model: Optional[str] = None, replace: bool = False) -> bool:
@@ -158,6 +200,41 @@ class ResponseCache:
                 f"{verb} INTO responses ({', '.join(_COLUMNS)}) "
                 f"VALUES ({', '.join('?' * len(_COLUMNS))})", values)
         return cur.rowcount > 0
+
+    # -- open Batch API jobs ------------------------------------------------------------------
+
+    def add_batch_file(self, input_file_id: str, base_url: str, keys: Mapping[str, int]) -> None:
+        """Record an uploaded batch input file and the keys it asks (key -> re-ask number),
+        before a batch is created from it."""
+        with self._lock:
+            self._connection().execute(
+                "INSERT OR REPLACE INTO batches (input_file_id, batch_id, base_url, keys, status, "
+                "created_at) VALUES (?, NULL, ?, ?, 'open', ?)",
+                (input_file_id, base_url, json.dumps(dict(keys), sort_keys=True), time.time()))
+
+    def set_batch_id(self, input_file_id: str, batch_id: str) -> None:
+        """Record the batch created from an input file (committed before any poll)."""
+        with self._lock:
+            self._connection().execute(
+                "UPDATE batches SET batch_id = ? WHERE input_file_id = ?",
+                (batch_id, input_file_id))
+
+    def open_batches(self, base_url: str) -> list["OpenBatch"]:
+        """Batches of this server not yet collected, oldest first."""
+        with self._lock:
+            rows = self._connection().execute(
+                "SELECT input_file_id, batch_id, keys, created_at FROM batches "
+                "WHERE status = 'open' AND base_url = ? ORDER BY created_at, input_file_id",
+                (base_url,)).fetchall()
+        return [OpenBatch(input_file_id=r[0], batch_id=r[1], keys=json.loads(r[2]),
+                          created_at=r[3]) for r in rows]
+
+    def close_batch(self, input_file_id: str, status: str) -> None:
+        """Mark a batch collected (its answers are stored) or given up, with its final status."""
+        with self._lock:
+            self._connection().execute(
+                "UPDATE batches SET status = ? WHERE input_file_id = ?",
+                (status, input_file_id))
 
     def __len__(self) -> int:
         with self._lock:

@@ -440,3 +440,96 @@ def run_evaluate(records_dir: Path, split: str, predictions_path: Path, out_path
                            captions=captions)
     write_json(Path(out_path), {"split": split, "predictions": str(predictions_path), **metrics})
     return metrics
+
+
+# ---------------------------------------------------------------------------------------------
+# The `evaluate` stage: a checkpoint's predictions (or a given predictions file) -> DVC metrics
+
+EXPORT_GT_COLUMNS = ["record_id", "split", "caption", "phrases", "masks"]
+
+
+def load_split_ground_truth(records_dir: Path, split: str) -> list[GTItem]:
+    """Ground truth of one split from GroundedRecord shards or from export Parquet shards."""
+    import pyarrow.parquet as pq
+
+    records_dir = Path(records_dir)
+    shards = list_shards(records_dir, split)
+    if not shards:
+        raise EmptyInputError(f"no {split!r} shards", path=records_dir)
+    if "image" not in pq.ParquetFile(shards[0]).schema_arrow.names:
+        return load_ground_truth(records_dir, split)
+    items = []
+    for shard in shards:
+        for row in pq.read_table(shard, columns=EXPORT_GT_COLUMNS).to_pylist():
+            if len(row["phrases"]) != len(row["masks"]):
+                raise BadAnnotationError(f"record {row['record_id']}: {len(row['phrases'])} "
+                                         f"phrases but {len(row['masks'])} masks", path=shard)
+            items.append(GTItem(row["record_id"], row["caption"],
+                                [(text, RLE(**m)) for text, m in zip(row["phrases"],
+                                                                     row["masks"])]))
+    return items
+
+
+def encoder_from_params(evaluate: Any) -> TextEncoder:
+    """The phrase encoder `evaluate.text_encoder` names."""
+    if evaluate.text_encoder == "bag-of-words":
+        return BagOfWordsEncoder()
+    device = evaluate.device if evaluate.device != "auto" else "cpu"
+    return BertMeanPoolEncoder(evaluate.bert_model_path, device=device)
+
+
+def run_evaluate_stage(params: Any, records_dir: Path, checkpoint_dir: Path | None = None,
+                       predictions_path: Path | None = None,
+                       out_metrics: Path = Path("metrics/rs_gcg.json"),
+                       out_dir: Path = Path("build/evaluate"),
+                       encoder: TextEncoder | None = None) -> dict:
+    """The evaluate stage: RS-GCG metrics of split `evaluate.split`, written as DVC metrics.
+
+    Predictions come from `predictions_path` when given, else are generated from the
+    fine-tuned checkpoint in `checkpoint_dir` (`finetune.predict`, needs the `[train]` extra)
+    into `out_dir/predictions.json`. `records_dir` holds the split's GroundedRecord shards or
+    export Parquet shards; generating needs the latter (it has the images). With neither a
+    predictions file nor a trained checkpoint (the finetune stage was skipped) the stage is
+    skipped: one line on stderr, and metrics that say `"evaluated": false`. `out_dir` (with
+    its report.json, the metrics again) is written whole either way, so DVC finds its outs.
+    `skipped` in the metrics lists the caption metrics that were not computed, and why.
+    """
+    import sys
+
+    from pipeline.shards import staged_folder
+
+    ev = params.evaluate
+    out_dir = Path(out_dir)
+    with staged_folder(out_dir) as staging:
+        if predictions_path is not None:
+            source: dict[str, Any] = {"predictions": str(predictions_path)}
+            read_from = Path(predictions_path)
+        elif checkpoint_dir is not None and (Path(checkpoint_dir) / "geopixel.json").is_file():
+            from finetune.predict import run_predict
+
+            read_from = staging / "predictions.json"
+            generated = run_predict(Path(checkpoint_dir), Path(records_dir), read_from, ev)
+            source = {"checkpoint": str(checkpoint_dir),
+                      "predictions": str(out_dir / "predictions.json"), "generation": generated}
+        else:
+            reason = ("no predictions file and no trained checkpoint"
+                      + (f" in {checkpoint_dir}" if checkpoint_dir is not None else ""))
+            print(f"evaluate skipped: {reason}", file=sys.stderr)
+            result = {"evaluated": False, "reason": reason}
+            write_json(staging / "report.json", result)
+            read_from = None
+        if read_from is not None:
+            ground_truth = load_split_ground_truth(Path(records_dir), ev.split)
+            if ev.max_records:
+                ground_truth = ground_truth[:ev.max_records]
+            wanted = {g.record_id for g in ground_truth}
+            predictions = [p for p in load_predictions(read_from)
+                           if p.record_id in wanted or not ev.max_records]
+            metrics = evaluate_gcg(ground_truth, predictions,
+                                   encoder if encoder is not None else encoder_from_params(ev),
+                                   text_threshold=ev.text_threshold,
+                                   iou_threshold=ev.iou_threshold, captions=ev.captions)
+            result = {"evaluated": True, "split": ev.split, **source, **metrics}
+            write_json(staging / "report.json", result)
+    write_json(Path(out_metrics), result)
+    return result

@@ -5,20 +5,25 @@ For each request shard `plan/requests/<kind>/<name>` it reads the tiles shard of
 to the backend chosen in `annotate.backend` in one `annotate` call, and writes the responses, in
 request order, to `<out>/<name>`. Backend set-up happens once per shard task, so a backend with a
 client, a response cache or retries slots in without changing the stage.
+
+A batched-marks request (`plan.batched_marks`, kind instance_batch) is answered in one call by a
+backend that can (`answers_instance_batch`); any other backend gets the per-mark questions it
+bundles and their answers are put together in the same JSON list, so compose reads one format.
 """
 
 from __future__ import annotations
 
+import json
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Sequence
 
-from annotators.base import REGISTRY, AnnotationContext, get_backend
+from annotators.base import REGISTRY, AnnotationContext, Backend, get_backend
 from pipeline.errors import BadParamsError, EmptyInputError
 from pipeline.params import BackendParams, CacheParams, Params
 from pipeline.runner import map_shards
 from pipeline.shards import list_shards, read_records, staged_folder, write_json, write_records
-from schemas import Request, Response, Tile, TilePlan
+from schemas import Request, Response, Tile, TilePlan, Usage
 
 KINDS = ("holistic", "instance", "cluster")
 # Failed requests listed by name in report.json (the rest are only counted).
@@ -43,21 +48,75 @@ def annotate_shard(job: ShardJob) -> dict:
     """Answer one request shard and write its responses; returns the shard's counts."""
     requests = read_records(job.requests, Request)
     wanted = {r.tile_id for r in requests}
-    tiles = {t.tile_id: t for t in read_records(job.tiles, Tile) if t.tile_id in wanted}
+    shard_tiles = read_records(job.tiles, Tile)
+    tiles = {t.tile_id: t for t in shard_tiles if t.tile_id in wanted}
     images: dict[str, bytes] = {}
+    plans: dict[str, TilePlan] = {}
     if job.plan is not None:
         for plan in read_records(job.plan, TilePlan):
-            if plan.tile_id in wanted and plan.som_sha256 and plan.som_png is not None:
-                images[plan.som_sha256] = plan.som_png
+            if plan.tile_id in wanted:
+                plans[plan.tile_id] = plan
+                if plan.som_sha256 and plan.som_png is not None:
+                    images[plan.som_sha256] = plan.som_png
     backend = get_backend(job.backend, cache=job.cache)
-    answered = backend.annotate(requests, AnnotationContext(tiles=tiles, images=images))
+    context = AnnotationContext(tiles=tiles, images=images)
+    if any(r.kind == "instance_batch" for r in requests) and \
+            not getattr(backend, "answers_instance_batch", False):
+        answered = answer_marks_one_by_one(backend, requests, tiles, plans, context)
+    else:
+        answered = backend.annotate(requests, context)
     responses = in_request_order(requests, answered, backend.name, backend.model)
     write_records(job.out, responses, Response)
     report = shard_report(job.name, responses)
+    report["tiles"] = len(shard_tiles)
     stats = getattr(backend, "stats", None)
     if stats is not None:
         report["backend_stats"] = stats.as_dict()
     return report
+
+
+def answer_marks_one_by_one(backend: Backend, requests: Sequence[Request],
+                            tiles: dict[str, Tile], plans: dict[str, TilePlan],
+                            context: AnnotationContext) -> list[Response]:
+    """Answer batched-marks requests with a backend that takes one mark per call: ask the
+    per-mark questions each bundles, and put their answers together as one JSON list
+    [{"mark": n, "description": "..."}] per batched request (usage, cost and calls summed)."""
+    from pipeline.plan import mark_requests
+
+    bundled: dict[str, list[Request]] = {}
+    asked: list[Request] = []
+    for r in requests:
+        if r.kind != "instance_batch":
+            asked.append(r)
+        elif r.tile_id in tiles and r.tile_id in plans:
+            bundled[r.request_id] = [q for q in mark_requests(tiles[r.tile_id], plans[r.tile_id],
+                                                              r.prompt_version)
+                                     if q.object_ids[0] in r.object_ids]
+            asked.extend(bundled[r.request_id])
+    answers = {a.request_id: a for a in backend.annotate(asked, context)}
+    out = []
+    for r in requests:
+        if r.kind != "instance_batch":
+            if r.request_id in answers:
+                out.append(answers[r.request_id])
+            continue
+        parts = [(q.mark_number, answers.get(q.request_id)) for q in bundled.get(r.request_id, [])]
+        found = [a for _, a in parts if a is not None]
+        ok = [(n, a) for n, a in parts if a is not None and a.status == "ok"]
+        errors = sorted({a.error or "failed" for a in found if a.status != "ok"})
+        out.append(Response(
+            request_id=r.request_id, tile_id=r.tile_id, kind=r.kind,
+            status="ok" if ok else "failed",
+            text=json.dumps([{"mark": n, "description": a.text} for n, a in ok],
+                            ensure_ascii=False) if ok else "",
+            error=None if ok else "; ".join(errors) or "no mark of the tile was answered",
+            backend=backend.name, model=backend.model, prompt_version=r.prompt_version,
+            usage=Usage(prompt_tokens=sum(a.usage.prompt_tokens for a in found),
+                        completion_tokens=sum(a.usage.completion_tokens for a in found)),
+            cost_usd=sum(a.cost_usd for a in found), latency_s=sum(a.latency_s for a in found),
+            attempts=sum(a.attempts for a in found),
+            cached=bool(found) and all(a.cached for a in found)))
+    return out
 
 
 def in_request_order(requests: Sequence[Request], responses: Sequence[Response],
@@ -89,6 +148,8 @@ def shard_report(name: str, responses: Sequence[Response]) -> dict:
         "ok": sum(r.status == "ok" for r in responses),
         "failed": sum(r.status == "failed" for r in responses),
         "cached": sum(r.cached for r in responses),
+        # model calls this run made (attempts of the answers not from the cache)
+        "calls": sum(r.attempts for r in responses if not r.cached),
         "by_backend": by_backend,
         "prompt_tokens": sum(r.usage.prompt_tokens for r in responses),
         "completion_tokens": sum(r.usage.completion_tokens for r in responses),
@@ -119,6 +180,8 @@ def _summed(dicts: Sequence[dict]) -> dict:
 def stage_report(kind: str, backend: BackendParams, shards: Sequence[dict]) -> dict:
     """The stage's report.json: totals over shards, plus each shard's counts."""
     requests = sum(s["requests"] for s in shards)
+    tiles = sum(s.get("tiles", 0) for s in shards)
+    calls = sum(s["calls"] for s in shards)
     by_backend: dict[str, dict[str, int]] = {}
     for s in shards:
         for key, counts in s["by_backend"].items():
@@ -138,6 +201,11 @@ def stage_report(kind: str, backend: BackendParams, shards: Sequence[dict]) -> d
         "ok": sum(s["ok"] for s in shards),
         "failed": sum(s["failed"] for s in shards),
         "cached": sum(s["cached"] for s in shards),
+        "tiles": tiles,
+        "calls": calls,
+        # requests of this pass per tile, and the model calls this run made per tile
+        "requests_per_tile": round(requests / tiles, 4) if tiles else 0.0,
+        "calls_per_tile": round(calls / tiles, 4) if tiles else 0.0,
         "by_backend": by_backend,
         "tokens": {"prompt": prompt, "completion": completion, "total": prompt + completion},
         # cost of every answer, and what this run paid (answers from the cache cost nothing new)

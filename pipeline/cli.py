@@ -10,7 +10,7 @@ from __future__ import annotations
 import json
 import sys
 from pathlib import Path
-from typing import Annotated, Optional
+from typing import Annotated, Optional, Sequence
 
 import typer
 from rich.console import Console
@@ -86,12 +86,14 @@ def _annotate_command(cli_name: str, kind: str):
         plan_dir: Annotated[Path, typer.Option("--plan", help="Output of `plan`.")] = Path("build/plan"),
         out: Annotated[Optional[Path], typer.Option(help="Response shards folder.")] = None,
         backend: Annotated[Optional[str], typer.Option(help="Override annotate.backend.name.")] = None,
+        mode: Annotated[Optional[str], typer.Option(help="openai backend: sync, or batch (Batch API, half price).")] = None,
         params: ParamsOpt = Path("params.yaml"),
         scheduler: SchedulerOpt = None,
     ) -> None:
         from pipeline.annotate import run_annotate
 
-        p = _params(params, **{"annotate.backend.name": backend})
+        p = _params(params, **{"annotate.backend.name": backend,
+                               "annotate.backend.openai.mode": mode})
         target = out or Path("build/responses") / kind
         report = run_annotate(p, kind, tiles, plan_dir, target,
                               scheduler=scheduler or p.runner.scheduler)
@@ -112,21 +114,38 @@ def compose(
     plan_dir: Annotated[Path, typer.Option("--plan", help="Output of `plan`.")] = Path("build/plan"),
     responses: Annotated[Path, typer.Option(help="Folder with holistic/, instance/, cluster/.")] = Path("build/responses"),
     out: Annotated[Path, typer.Option(help="GroundedRecord shards (+ dropped/).")] = Path("build/records"),
+    composer: Annotated[Optional[str], typer.Option(help="deterministic, or llm (through the backend).")] = None,
     params: ParamsOpt = Path("params.yaml"),
     scheduler: SchedulerOpt = None,
 ) -> None:
     """Merge the three passes into one tagged paragraph, align [SEG] to masks, validate."""
     from pipeline.compose import run_compose
 
-    p = _params(params)
+    p = _params(params, **{"compose.composer": composer})
     _done("compose", out, run_compose(p, tiles, plan_dir, responses, out,
                                       scheduler=scheduler or p.runner.scheduler))
 
 
 @app.command()
+def review(
+    records: Annotated[Path, typer.Option(help="GroundedRecord shards from `compose`.")] = Path("build/records"),
+    decisions: Annotated[Optional[Path], typer.Option(help="Decisions JSONL (default: params review.decisions).")] = None,
+    out: Annotated[Path, typer.Option(help="Reviewed GroundedRecord shards (+ dropped/).")] = Path("build/reviewed"),
+    params: ParamsOpt = Path("params.yaml"),
+    scheduler: SchedulerOpt = None,
+) -> None:
+    """Apply people's accept / reject / edit decisions (from the review notebook)."""
+    from pipeline.review import run_review
+
+    p = _params(params)
+    _done("review", out, run_review(p, records, decisions or Path(p.review.decisions), out,
+                                    scheduler=scheduler or p.runner.scheduler))
+
+
+@app.command()
 def export(
     tiles: Annotated[Path, typer.Option(help="Tile shards.")] = Path("build/tiles"),
-    records: Annotated[Path, typer.Option(help="GroundedRecord shards from `compose`.")] = Path("build/records"),
+    records: Annotated[Path, typer.Option(help="GroundedRecord shards from `review`.")] = Path("build/reviewed"),
     out: Annotated[Path, typer.Option(help="Export folder: parquet/, coco/, geopixel/.")] = Path("build/export"),
     params: ParamsOpt = Path("params.yaml"),
 ) -> None:
@@ -138,12 +157,66 @@ def export(
 
 
 @app.command()
+def qa(
+    records: Annotated[Path, typer.Option(help="Records that get exported (output of `review`).")] = Path("build/reviewed"),
+    compose_dir: Annotated[Optional[Path], typer.Option("--compose", help="Output of `compose` (its drops and report).")] = Path("build/records"),
+    review_dir: Annotated[Optional[Path], typer.Option("--review", help="Output of `review` (reviewer statistics).")] = Path("build/reviewed"),
+    tiles: Annotated[Optional[Path], typer.Option(help="Tile shards (images for the report).")] = Path("build/tiles"),
+    responses: Annotated[Optional[Path], typer.Option(help="Response shards (calls, tokens, cost).")] = Path("build/responses"),
+    metrics: Annotated[Path, typer.Option(help="DVC metrics file to write.")] = Path("metrics/qa.json"),
+    plots: Annotated[Path, typer.Option(help="Folder of DVC plot tables.")] = Path("metrics/plots"),
+    report: Annotated[Path, typer.Option(help="HTML report folder (open index.html from disk).")] = Path("build/qa"),
+    params: ParamsOpt = Path("params.yaml"),
+    scheduler: SchedulerOpt = None,
+) -> None:
+    """Metrics (DVC), plot tables and the HTML report of the records that get exported."""
+    from pipeline.qa import run_qa
+
+    p = _params(params)
+    _done("qa", report, run_qa(p, records, metrics, plots, report, tiles_dir=tiles,
+                               responses_dir=responses, compose_dir=compose_dir,
+                               review_dir=review_dir, scheduler=scheduler or p.runner.scheduler))
+
+
+@app.command()
+def finetune(
+    export_dir: Annotated[Path, typer.Option("--export", help="Export Parquet shards (or a GeoPixel .json list).")] = Path("build/export/parquet"),
+    out: Annotated[Path, typer.Option(help="Fine-tuned checkpoint folder.")] = Path("build/finetune"),
+    stop_after_steps: Annotated[Optional[int], typer.Option(help="Stop (resumably) after this many steps.")] = None,
+    params: ParamsOpt = Path("params.yaml"),
+) -> None:
+    """Fine-tune a GeoPixel-style model ([SEG] -> SAM decoder, LoRA); skipped without a base model."""
+    from finetune.stage import run_finetune
+
+    p = _params(params)
+    _done("finetune", out, run_finetune(p, export_dir, out, stop_after=stop_after_steps))
+
+
+@app.command()
+def evaluate(
+    records: Annotated[Path, typer.Option(help="Ground truth: export Parquet shards or record shards.")] = Path("build/export/parquet"),
+    checkpoint: Annotated[Optional[Path], typer.Option(help="Fine-tuned checkpoint to predict with.")] = Path("build/finetune"),
+    predictions: Annotated[Optional[Path], typer.Option(help="Any model's predictions JSON instead of a checkpoint.")] = None,
+    out: Annotated[Path, typer.Option(help="Predictions and details folder.")] = Path("build/evaluate"),
+    metrics: Annotated[Path, typer.Option(help="DVC metrics file to write.")] = Path("metrics/rs_gcg.json"),
+    split: Annotated[Optional[str], typer.Option(help="Split to score (default: params evaluate.split).")] = None,
+    params: ParamsOpt = Path("params.yaml"),
+) -> None:
+    """RS-GCG scores (AP50, mIoU, Recall, CIDEr, METEOR) of a checkpoint or a predictions file."""
+    from finetune.evaluate import run_evaluate_stage
+
+    p = _params(params, **{"evaluate.split": split})
+    _done("evaluate", out, run_evaluate_stage(p, records, checkpoint, predictions, metrics, out))
+
+
+@app.command()
 def build(
     out: Annotated[Path, typer.Option(help="Output root; stages write OUT/tiles, OUT/plan, ...")] = Path("build"),
     source: Annotated[Optional[str], typer.Option(help="Source adapter: isaid or coco.")] = None,
     root: Annotated[Optional[Path], typer.Option(help="Dataset root.")] = None,
     split: Annotated[Optional[list[str]], typer.Option(help="Split(s) to build (default: params).")] = None,
     backend: Annotated[Optional[str], typer.Option(help="Override annotate.backend.name.")] = None,
+    composer: Annotated[Optional[str], typer.Option(help="deterministic, or llm (through the backend).")] = None,
     params: ParamsOpt = Path("params.yaml"),
     scheduler: SchedulerOpt = None,
 ) -> None:
@@ -154,9 +227,12 @@ def build(
     from pipeline.export import run_export
     from pipeline.plan import run_plan
     from pipeline.prepare import run_prepare
+    from pipeline.qa import run_qa
+    from pipeline.review import run_review
 
     p = _params(params, **{"data.source": source, "data.root": str(root) if root else None,
-                           "data.splits": split or None, "annotate.backend.name": backend})
+                           "data.splits": split or None, "annotate.backend.name": backend,
+                           "compose.composer": composer})
     sched = scheduler or p.runner.scheduler
     get_backend(p.annotate.backend)  # a backend set-up mistake stops the build before prepare
     _done("prepare", out / "tiles", run_prepare(p, out / "tiles", splits=split or None, scheduler=sched))
@@ -168,7 +244,48 @@ def build(
     _done("compose", out / "records", run_compose(p, out / "tiles", out / "plan",
                                                   out / "responses", out / "records",
                                                   scheduler=sched))
-    _done("export", out / "export", run_export(p, out / "tiles", out / "records", out / "export"))
+    _done("review", out / "reviewed", run_review(p, out / "records", Path(p.review.decisions),
+                                                 out / "reviewed", scheduler=sched))
+    _done("export", out / "export", run_export(p, out / "tiles", out / "reviewed", out / "export"))
+    _done("qa", out / "qa", run_qa(p, out / "reviewed", out / "metrics" / "qa.json",
+                                   out / "metrics" / "plots", out / "qa", tiles_dir=out / "tiles",
+                                   responses_dir=out / "responses", compose_dir=out / "records",
+                                   review_dir=out / "reviewed", scheduler=sched))
+
+
+@app.command()
+def annotate(
+    paths: Annotated[list[Path], typer.Argument(help="Images (PNG, JPEG, TIFF, GeoTIFF) or folders of them.")],
+    out: Annotated[Path, typer.Option(help="Output root: OUT/tiles, plan, responses, records, export, summary.json.")],
+    masks: Annotated[Optional[str], typer.Option(help="Where objects come from: sam | dota DIR | coco FILE | geojson FILE.")] = None,
+    masks_path: Annotated[Optional[Path], typer.Option("--masks-path", hidden=True, help="The DIR/FILE after --masks dota|coco|geojson.")] = None,
+    backend: Annotated[Optional[str], typer.Option(help="Override annotate.backend.name.")] = None,
+    params: ParamsOpt = Path("params.yaml"),
+    scheduler: SchedulerOpt = None,
+) -> None:
+    """Annotate new imagery of any size (GeoTIFF georeference kept), masks from SAM or labels."""
+    from pipeline.new_imagery import run_annotate_imagery
+
+    p = _params(params)
+    err = Console(stderr=True)
+
+    def progress(event: str, report: dict) -> None:
+        if event != "scene":
+            _done(event, out, report)
+            return
+        what = report.get("skipped") or (
+            f"{report['tiles']} tiles, {report['objects']} objects"
+            + (f", {report['tiles_nodata']} nodata tiles skipped" if report["tiles_nodata"] else ""))
+        crs = f", {report['crs']}" if report["crs"] else ""
+        err.print(f"[bold]scene[/bold] {report['scene']} ({report['width']}x{report['height']}"
+                  f"{crs}): {what}", highlight=False)
+
+    s = run_annotate_imagery(paths, out, p, masks, masks_path, backend,
+                             scheduler=scheduler or p.runner.scheduler, progress=progress)
+    err.print(f"[bold]annotate[/bold] -> {out}  scenes={s['scenes']} tiles={s['tiles']} "
+              f"objects={s['objects']} records={s['records']} phrases={s['phrases']} "
+              f"calls={s['calls']} (cached {s['cached_calls']}, failed {s['failed_calls']}) "
+              f"cost=${s['cost_usd']:.4f} (spent ${s['spent_usd']:.4f})", highlight=False)
 
 
 @app.command()
@@ -190,10 +307,42 @@ def _done(stage: str, out: Path, report: dict) -> None:
     Console(stderr=True).print(f"[bold]{stage}[/bold] -> {out}  {text}", highlight=False)
 
 
+# --masks kinds followed by a path (pipeline.new_imagery.NEEDS_FILE says what each needs)
+MASK_SOURCES_WITH_PATH = ("dota", "coco", "geojson")
+
+
+def masks_argv(args: Sequence[str]) -> list[str]:
+    """Command-line arguments with `--masks KIND PATH` (and `--masks=KIND PATH`) rewritten as
+    `--masks KIND --masks-path PATH`: click options take a fixed number of values, and the
+    path after dota/coco/geojson would otherwise be read as one more image."""
+    out, i, args = [], 0, list(args)
+    while i < len(args):
+        arg = args[i]
+        if arg == "--":
+            return out + args[i:]
+        kind = None
+        if arg == "--masks" and i + 1 < len(args):
+            kind, step = args[i + 1], 2
+        elif arg.startswith("--masks="):
+            kind, step = arg.split("=", 1)[1], 1
+        if kind is None:
+            out.append(arg)
+            i += 1
+            continue
+        out += ["--masks", kind]
+        i += step
+        if kind.lower() in MASK_SOURCES_WITH_PATH and i < len(args) and not args[i].startswith("-"):
+            out += ["--masks-path", args[i]]
+            i += 1
+    return out
+
+
 def main() -> None:
     """Console entry point: user mistakes become one line on stderr and exit code 2."""
     try:
-        app()
+        # `--masks dota DIR`: click options take a fixed number of values, so the path after
+        # dota/coco/geojson is passed on as the hidden --masks-path
+        app(args=masks_argv(sys.argv[1:]))
     except GeoPixelDError as exc:
         print(exc.one_line(), file=sys.stderr)
         sys.exit(2)

@@ -36,10 +36,17 @@ Weaving an annotator sentence (documented rules, applied in order):
 - a subject is only removed if a verb or a comma follows it; otherwise the whole text follows a
   colon ("The <p> ship-1 </p> [SEG] at the top left: a white hull with a red deck.", "At the
   left side, there are <p> many ships </p> [SEG]: boats moored in a harbour.").
+
+Batched-marks answers (`plan.batched_marks`) are split back into the per-mark instance requests
+and answers they bundle before anything else, so both modes compose alike. With
+`compose.composer: llm` the paragraph is written by a language model instead
+(`annotators.llm_composer`), from the groundings gathered here; any failure keeps this
+composer's record and is counted.
 """
 
 from __future__ import annotations
 
+import json
 import re
 from collections import Counter
 from dataclasses import dataclass, field
@@ -51,13 +58,13 @@ import pipeline
 from pipeline import masks
 from pipeline.categories import plural, readable
 from pipeline.errors import BadRecordError, EmptyInputError, GeoPixelDError
-from pipeline.params import ComposeParams, Params, params_hash
+from pipeline.params import CacheParams, ComposeParams, Params, params_hash
 from pipeline.runner import map_shards
 from pipeline.shards import list_shards, read_records, staged_folder, write_json, write_records
 from pipeline.validate import sanitize_fragment, validate_record
 from schemas import (
     RLE, Cluster, DroppedRecord, GroundedRecord, ObjectInstance, Phrase, Provenance, Request,
-    Response, Tile, TilePlan,
+    Response, Tile, TilePlan, Usage,
 )
 
 STAGE = "compose"
@@ -122,8 +129,9 @@ class Composition:
 
 
 @dataclass(frozen=True)
-class _Grounding:
-    """One phrase to be: what it grounds and the annotator sentence about it."""
+class Grounding:
+    """One phrase to be: what it grounds and the annotator sentence about it (public: the LLM
+    composer words the same groundings)."""
 
     kind: str
     category: str
@@ -227,7 +235,7 @@ def _drop_own_position(text: str, position: str) -> str:
     return text
 
 
-def _split_subject(g: _Grounding, text: str) -> Optional[tuple[str, str]]:
+def _split_subject(g: Grounding, text: str) -> Optional[tuple[str, str]]:
     """(adjectives, rest) when `text` opens with the object as subject followed by a verb or a
     comma, else None."""
     m = _subject_re(g.kind, g.category, g.label, g.position).match(text)
@@ -252,7 +260,7 @@ def _split_subject(g: _Grounding, text: str) -> Optional[tuple[str, str]]:
     return "", rest
 
 
-def _weave(g: _Grounding) -> _Woven:
+def _weave(g: Grounding) -> _Woven:
     """Split the annotator sentence around its subject (see the module docstring)."""
     text = g.text
     split = _split_subject(g, text)
@@ -315,7 +323,7 @@ def _cluster_sentence(name: str, woven: _Woven, region: Optional[str]) -> str:
     return _join(head, woven, woven.rest)
 
 
-def _group_key(g: _Grounding, woven: _Woven) -> Optional[tuple]:
+def _group_key(g: Grounding, woven: _Woven) -> Optional[tuple]:
     """Instances share a sentence only if category, position and description agree and the
     description opens with a verb whose number can follow the group."""
     if woven.rest is None or woven.rest.startswith(","):
@@ -331,19 +339,25 @@ def _group_key(g: _Grounding, woven: _Woven) -> Optional[tuple]:
 # One tile
 
 
-def compose(tile: Tile, plan: TilePlan, requests: Sequence[Request],
-            responses: Sequence[Response], params: ComposeParams,
-            provenance: Provenance) -> Composition:
-    """Compose one tile, and count the phrases left out (failed, missing, injected, empty)."""
+@dataclass(frozen=True)
+class Groundings:
+    """What a tile's paragraph is made of: the scene sentences, the usable instance groundings
+    in mark order and cluster groundings in plan order, and the phrases left out, by reason."""
+
+    scene: list[str]
+    instances: list[Grounding]
+    clusters: list[Grounding]
+    skipped: dict[str, int]
+
+
+def tile_groundings(tile: Tile, plan: TilePlan, requests: Sequence[Request],
+                    responses: Sequence[Response]) -> Groundings | tuple[str, str]:
+    """A tile's groundings, or (reason, detail) when it can have no record."""
+    requests, responses = unbatch_marks(tile, plan, requests, responses)
     requests = sorted((r for r in requests if r.tile_id == tile.tile_id),
                       key=lambda r: r.request_id)
     answer = _answers(r for r in responses if r.tile_id == tile.tile_id)
     skipped: Counter[str] = Counter()
-
-    def dropped(reason: str, detail: str = "") -> Composition:
-        record = DroppedRecord(tile_id=tile.tile_id, split=tile.split, stage=STAGE,
-                               reason=reason, detail=detail)
-        return Composition(record, dict(sorted(skipped.items())))
 
     scene: list[str] = []
     for req in (r for r in requests if r.kind == "holistic"):
@@ -352,23 +366,40 @@ def compose(tile: Tile, plan: TilePlan, requests: Sequence[Request],
             continue
         text = sanitize_fragment(resp.text)
         if text is None:
-            return dropped("injected_tag", f"holistic response {req.request_id}")
+            return "injected_tag", f"holistic response {req.request_id}"
         if _prose(text):
             scene.append(_prose(text))
     if not scene:
-        return dropped("holistic_failed", "no usable holistic response")
+        return "holistic_failed", "no usable holistic response"
 
     objects = {o.object_id: o for o in tile.objects}
     instances = _groundings(tile, plan, _in_mark_order(tile, requests), answer, objects, skipped)
     clusters = _groundings(tile, plan, _in_plan_order(plan, requests), answer, objects, skipped)
+    return Groundings(scene, instances, clusters, dict(sorted(skipped.items())))
 
+
+def compose(tile: Tile, plan: TilePlan, requests: Sequence[Request],
+            responses: Sequence[Response], params: ComposeParams,
+            provenance: Provenance) -> Composition:
+    """Compose one tile, and count the phrases left out (failed, missing, injected, empty)."""
+    found = tile_groundings(tile, plan, requests, responses)
+    skipped: Counter[str] = Counter(found.skipped if isinstance(found, Groundings) else {})
+
+    def dropped(reason: str, detail: str = "") -> Composition:
+        record = DroppedRecord(tile_id=tile.tile_id, split=tile.split, stage=STAGE,
+                               reason=reason, detail=detail)
+        return Composition(record, dict(sorted(skipped.items())))
+
+    if not isinstance(found, Groundings):
+        return dropped(*found)
+    scene, instances, clusters = found.scene, found.instances, found.clusters
     sentences, phrases = list(scene), []
     for names_and_groundings, woven in _instance_sentences(instances, params):
         names = [n for n, _ in names_and_groundings]
         sentences.append(_instance_sentence(names, woven, names_and_groundings[0][1].position))
         phrases.extend(_phrase(n, g) for n, g in names_and_groundings)
     for g in clusters:
-        name = f"{g.label} {plural(g.category)}" if g.label else plural(g.category)
+        name = cluster_name(g)
         sentences.append(_cluster_sentence(name, _weave(g), g.position))
         phrases.append(_phrase(name, g))
 
@@ -381,6 +412,47 @@ def compose(tile: Tile, plan: TilePlan, requests: Sequence[Request],
     if reasons:
         return dropped(reasons[0], ",".join(reasons))
     return Composition(record, dict(sorted(skipped.items())))
+
+
+def cluster_name(g: Grounding) -> str:
+    """A cluster's phrase: its count word and plural category ("numerous small vehicles")."""
+    return f"{g.label} {plural(g.category)}" if g.label else plural(g.category)
+
+
+def unbatch_marks(tile: Tile, plan: TilePlan, requests: Sequence[Request],
+                  responses: Sequence[Response]) -> tuple[list[Request], list[Response]]:
+    """Batched-marks requests and answers of a tile as the per-mark instance requests and
+    answers they bundle (the answer's text is the JSON list [{"mark": n, "description": ...}];
+    a mark it does not describe has no answer). Other requests and answers pass unchanged."""
+    from pipeline.plan import mark_requests
+
+    batches = [r for r in requests if r.kind == "instance_batch" and r.tile_id == tile.tile_id]
+    if not batches:
+        return list(requests), list(responses)
+    answer = _answers(responses)
+    out_requests = [r for r in requests if r.kind != "instance_batch"]
+    out_responses = [r for r in responses if r.kind != "instance_batch"]
+    for batch in batches:
+        singles = [q for q in mark_requests(tile, plan, batch.prompt_version)
+                   if q.object_ids[0] in batch.object_ids]
+        out_requests.extend(singles)
+        resp = answer.get(batch.request_id)
+        if resp is None:
+            continue
+        described: dict[int, str] = {}
+        if resp.status == "ok":
+            try:
+                described = {int(m["mark"]): str(m["description"]) for m in json.loads(resp.text)}
+            except (ValueError, TypeError, KeyError):
+                described = {}
+        for q in singles:
+            if resp.status == "ok" and q.mark_number not in described:
+                continue
+            out_responses.append(resp.model_copy(update={
+                "request_id": q.request_id, "kind": "instance",
+                "text": described.get(q.mark_number, ""),
+                "usage": Usage(), "cost_usd": 0.0}))
+    return out_requests, out_responses
 
 
 def compose_tile(tile: Tile, plan: TilePlan, requests: Sequence[Request],
@@ -417,7 +489,7 @@ def _in_plan_order(plan: TilePlan, requests: Sequence[Request]) -> list[Request]
 
 def _groundings(tile: Tile, plan: TilePlan, requests: Sequence[Request],
                 answer: dict[str, Response], objects: dict[int, ObjectInstance],
-                skipped: Counter[str]) -> list[_Grounding]:
+                skipped: Counter[str]) -> list[Grounding]:
     """Usable instance or cluster groundings; the unusable ones counted in `skipped`."""
     clusters: dict[str, Cluster] = {c.cluster_id: c for c in plan.clusters}
     positions = dict(zip((o.object_id for o in tile.objects), plan.positions))
@@ -442,13 +514,13 @@ def _groundings(tile: Tile, plan: TilePlan, requests: Sequence[Request],
 
 
 def _grounding(tile: Tile, req: Request, text: str, objects: dict[int, ObjectInstance],
-               clusters: dict[str, Cluster], positions: dict[int, str]) -> _Grounding:
+               clusters: dict[str, Cluster], positions: dict[int, str]) -> Grounding:
     if req.kind == "instance":
         if len(req.object_ids) != 1:
             raise BadRecordError(f"tile {tile.tile_id}: instance request {req.request_id} names "
                                  f"{len(req.object_ids)} objects, expected 1")
         obj = _object(tile, req, req.object_ids[0], objects)
-        return _Grounding("instance", req.category or obj.category, (obj.object_id,),
+        return Grounding("instance", req.category or obj.category, (obj.object_id,),
                           req.position or positions.get(obj.object_id), None, obj.mask, text)
     cluster = clusters.get(req.cluster_id or "")
     if cluster is None:
@@ -457,7 +529,7 @@ def _grounding(tile: Tile, req: Request, text: str, objects: dict[int, ObjectIns
     members = [_object(tile, req, oid, objects) for oid in cluster.object_ids]
     if not members:
         raise BadRecordError(f"tile {tile.tile_id}: cluster {cluster.cluster_id} has no members")
-    return _Grounding("cluster", cluster.category, tuple(cluster.object_ids),
+    return Grounding("cluster", cluster.category, tuple(cluster.object_ids),
                       cluster.region or req.position, cluster.cluster_info or None,
                       masks.union([o.mask for o in members]), text)
 
@@ -471,17 +543,17 @@ def _object(tile: Tile, req: Request, object_id: int,
                              f"{object_id}, not in the tile") from None
 
 
-def _instance_sentences(instances: list[_Grounding], params: ComposeParams):
+def _instance_sentences(instances: list[Grounding], params: ComposeParams):
     """Instance sentences in caption order, each with its (phrase name, grounding) pairs.
 
     Categories in order of first appearance, instances in mark order within one; grouped
     instances share the sentence of their first member. Indices count per category in
     caption order.
     """
-    by_category: dict[str, list[_Grounding]] = {}
+    by_category: dict[str, list[Grounding]] = {}
     for g in instances:
         by_category.setdefault(g.category, []).append(g)
-    units: list[tuple[list[_Grounding], _Woven]] = []
+    units: list[tuple[list[Grounding], _Woven]] = []
     for members in by_category.values():
         slots: dict[tuple, int] = {}
         for g in members:
@@ -504,7 +576,7 @@ def _instance_sentences(instances: list[_Grounding], params: ComposeParams):
     return out
 
 
-def _phrase(name: str, g: _Grounding) -> Phrase:
+def _phrase(name: str, g: Grounding) -> Phrase:
     return Phrase(text=name, kind=g.kind, category=g.category, object_ids=list(g.object_ids),
                   mask=g.mask)
 
@@ -537,8 +609,11 @@ def _inputs(name: str, tiles_dir: Path, plan_dir: Path, responses_dir: Path) -> 
 
 
 def compose_shard(name: str, params: Params, tiles_dir: Path, plan_dir: Path,
-                  responses_dir: Path, staging: Path) -> dict:
-    """Compose every tile of one shard; write its records and drops; return its counts."""
+                  responses_dir: Path, staging: Path,
+                  llm_cache: Optional[CacheParams] = None) -> dict:
+    """Compose every tile of one shard; write its records and drops; return its counts.
+    With `compose.composer: llm` the LLM rewrites each record this composer made (the
+    response cache `llm_cache`, default annotate.cache), keeping it wherever the LLM fails."""
     paths = _inputs(name, tiles_dir, plan_dir, responses_dir)
     tiles = read_records(paths["tiles"], Tile)
     plans = {p.tile_id: p for p in read_records(paths["plan"], TilePlan)}
@@ -552,6 +627,7 @@ def compose_shard(name: str, params: Params, tiles_dir: Path, plan_dir: Path,
 
     records, drops = [], []
     skipped: Counter[str] = Counter()
+    drafts, slots = [], []  # tiles for the LLM composer, and where their records are
     for tile in tiles:
         plan = plans.get(tile.tile_id)
         if plan is None:
@@ -567,8 +643,23 @@ def compose_shard(name: str, params: Params, tiles_dir: Path, plan_dir: Path,
                 raise type(exc)(exc.message, paths["plan"]) from None
             raise
         skipped.update(result.skipped)
+        if isinstance(result.record, GroundedRecord) and params.compose.composer == "llm":
+            from annotators.llm_composer import draft
+
+            found = tile_groundings(tile, plan, reqs, resps)
+            if isinstance(found, Groundings):
+                drafts.append(draft(tile, found, reqs, resps))
+                slots.append(len(records))
         (records if isinstance(result.record, GroundedRecord) else drops).append(result.record)
 
+    llm: Counter[str] = Counter()
+    if drafts:
+        from annotators.llm_composer import compose_with_llm
+
+        composed, llm = compose_with_llm(drafts, params, llm_cache)
+        for slot, record in zip(slots, composed):
+            if record is not None:
+                records[slot] = record
     write_records(staging / name, records, GroundedRecord)
     write_records(staging / "dropped" / name, drops, DroppedRecord)
     return {
@@ -578,6 +669,7 @@ def compose_shard(name: str, params: Params, tiles_dir: Path, plan_dir: Path,
         "phrases_skipped": dict(skipped),
         "objects_grounded": sum(len(p.object_ids) for r in records for p in r.phrases),
         "caption_chars": sum(len(r.caption) for r in records),
+        "llm": dict(llm),
     }
 
 
@@ -595,14 +687,32 @@ def run_compose(params: Params, tiles_dir: Path, plan_dir: Path, responses_dir: 
                 raise EmptyInputError(f"missing {what} shard for tile shard {name} "
                                       f"(run the earlier stages first)", path)
 
+    llm_cache = None
+    if params.compose.composer == "llm":
+        from annotators.base import get_backend
+        from annotators.llm_composer import composer_backend
+
+        get_backend(composer_backend(params))  # set-up mistakes stop here, before any work
+        # workers may run elsewhere: the cache path must not depend on their working folder
+        llm_cache = params.annotate.cache.model_copy(
+            update={"path": str(Path(params.annotate.cache.path).resolve())})
+
     with staged_folder(out_dir) as staging:
         (staging / "dropped").mkdir()
         task = partial(compose_shard, params=params, tiles_dir=tiles_dir, plan_dir=plan_dir,
-                       responses_dir=responses_dir, staging=staging)
+                       responses_dir=responses_dir, staging=staging, llm_cache=llm_cache)
         counts = map_shards(task, names, label=STAGE, scheduler=scheduler,
                             local_scheduler=params.runner.local_scheduler,
                             workers=params.runner.workers)
         report = _report(counts)
+        report["composer"] = params.compose.composer
+        if params.compose.composer == "llm":
+            llm = Counter()
+            for c in counts:
+                llm.update(c["llm"])
+            composed = llm.pop("composed", 0)
+            report["llm"] = {"asked": composed + sum(llm.values()), "composed": composed,
+                             "fallbacks": dict(sorted(llm.items()))}
         write_json(staging / "report.json", report)
     return report
 

@@ -9,7 +9,7 @@ Parquet: at most `export.records_per_shard` rows per shard, records in input sha
 `image` is a struct {bytes, path} and the schema metadata carries the `datasets` features, so
 `load_dataset("parquet", data_files=...)` decodes it as an `Image()`. Masks are COCO RLE;
 `masks[i]`, `phrases[i]`, `phrase_kinds[i]`, `phrase_categories[i]` and `object_ids[i]` belong
-to the i-th [SEG] of `caption`.
+to the i-th [SEG] of `caption`. `review` is unreviewed, accepted or edited (the review stage).
 
 COCO: `images` are the tiles that have a record (`id`, `file_name` "<tile_id>.png", `width`,
 `height`, `tile_id`); `annotations` are ALL instances of those tiles (`id` unique in the file,
@@ -18,7 +18,7 @@ COCO: `images` are the tiles that have a record (`id`, `file_name` "<tile_id>.pn
 exported tile of every split, sorted by name, ids from 1, so ids agree across split files.
 Extension, a top-level list pycocotools ignores:
 
-    "captions": [{"image_id", "record_id", "caption",
+    "captions": [{"image_id", "record_id", "caption", "review",
                   "phrases": [{"text", "kind", "category", "seg_index", "annotation_ids"}]}]
 
 `seg_index` is the phrase's [SEG] position in `caption` (0-based); `annotation_ids` are the
@@ -81,6 +81,7 @@ _COLUMNS = pa.schema([
     pa.field("masks", pa.list_(RLE_TYPE)),
     pa.field("object_ids", pa.list_(pa.list_(pa.int64()))),
     pa.field("provenance", PROVENANCE_TYPE),
+    pa.field("review", pa.string()),
 ])
 
 _HF_VALUES = {pa.string(): "string", pa.int64(): "int64", pa.binary(): "binary",
@@ -132,6 +133,7 @@ def export_row(record: GroundedRecord, tile: Tile) -> dict:
         "masks": [p.mask.model_dump() for p in record.phrases],
         "object_ids": [list(p.object_ids) for p in record.phrases],
         "provenance": record.provenance.model_dump(),
+        "review": record.review,
     }
 
 
@@ -192,7 +194,7 @@ def _coco_piece(record: GroundedRecord, tile: Tile) -> dict:
         "objects": [{"object_id": o.object_id, "category": o.category, "area": o.area,
                      "bbox": list(o.bbox), "segmentation": o.mask.model_dump()}
                     for o in tile.objects],
-        "record_id": record.record_id, "caption": record.caption,
+        "record_id": record.record_id, "caption": record.caption, "review": record.review,
         "phrases": [{"text": p.text, "kind": p.kind, "category": p.category,
                      "object_ids": list(p.object_ids)} for p in record.phrases],
     }
@@ -333,6 +335,7 @@ def coco_files(pieces: list[dict]) -> dict[str, dict]:
             image_id, by_object = coco["_tiles"][c["tile_id"]]
             coco["captions"].append({
                 "image_id": image_id, "record_id": c["record_id"], "caption": c["caption"],
+                "review": c["review"],
                 "phrases": [{"text": p["text"], "kind": p["kind"], "category": p["category"],
                              "seg_index": i,
                              "annotation_ids": [by_object[o] for o in p["object_ids"]]}

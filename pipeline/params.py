@@ -97,6 +97,9 @@ class PlanParams(Section):
         default_factory=lambda: [(20, "numerous"), (10, "many"), (5, "several"), (2, "a few")],
         description="(at least this many members, word), first match wins")
     prompt_version: str = "v1"
+    batched_marks: bool = Field(
+        False, description="one instance_batch call per patch describes every marked object "
+        "(a JSON list) instead of one instance call per mark")
     marks: MarkParams = Field(default_factory=MarkParams)
 
 
@@ -105,6 +108,22 @@ class ModelPrice(Section):
 
     input_per_mtok: float = Field(0.0, ge=0)
     output_per_mtok: float = Field(0.0, ge=0)
+
+
+class BatchParams(Section):
+    """OpenAI Batch API mode: JSONL files under the API's limits, polled until done, half price.
+    Limits from OpenAI's documentation: 50,000 requests and 200 MB per input file."""
+
+    max_requests_per_file: int = Field(50_000, ge=1, le=50_000)
+    max_bytes_per_file: int = Field(200_000_000, ge=1_000, le=200_000_000)
+    poll_interval_s: float = Field(30.0, gt=0, le=3600, description="first wait between polls")
+    poll_backoff: float = Field(1.5, ge=1, le=10, description="each wait is this times the last")
+    poll_max_interval_s: float = Field(600.0, gt=0, le=86400)
+    max_wait_s: float = Field(
+        90_000.0, gt=0, description="give up polling after this long (the batch stays open in "
+        "the cache db and the next run resumes it)")
+    discount: float = Field(0.5, ge=0, le=1, description="batch price as a share of the "
+                            "synchronous price")
 
 
 class OpenAIParams(Section):
@@ -143,6 +162,15 @@ class OpenAIParams(Section):
         default_factory=lambda: {"holistic": 1000, "instance": 300, "cluster": 300},
         description="longer cleaned answers are refused")
     min_words: int = Field(3, ge=1, le=100, description="shorter cleaned answers are refused")
+    max_tokens_by_kind: dict[str, int] = Field(
+        default_factory=lambda: {"instance_batch": 1024, "compose": 1024},
+        description="max_tokens for these request kinds (answers longer than one pass's)")
+    mode: Literal["sync", "batch"] = Field(
+        "sync", description="sync: chat completions as they come; batch: the Batch API")
+    http_client: Literal["auto", "aiohttp", "httpx"] = Field(
+        "auto", description="transport of the async client: aiohttp costs about a third less "
+        "CPU per call than httpx; auto = aiohttp when installed (openai[aiohttp])")
+    batch: BatchParams = Field(default_factory=BatchParams)
 
 
 class CacheParams(Section):
@@ -154,6 +182,33 @@ class CacheParams(Section):
                                   description="wait for another writer before giving up")
 
 
+class TransformersParams(Section):
+    """The transformers backend: a local multimodal model (Qwen2.5-VL-style) on a GPU, each
+    image's prefix computed once for all prompts on it, several patches per forward batch.
+    Cleaning limits are those of annotate.backend.openai (max_sentences, max_chars, min_words)."""
+
+    model_path: str = Field("", description="local model folder or hub id "
+                            "(empty = annotate.backend.model)")
+    device: str = Field("auto", pattern=r"^(auto|cpu|cuda(:\d+)?)$",
+                        description="auto = cuda when available, else cpu")
+    dtype: Literal["auto", "bfloat16", "float32"] = Field(
+        "auto", description="auto = bfloat16 on a GPU, float32 on the CPU")
+    attn_implementation: Literal["sdpa", "eager", "flash_attention_2"] = "sdpa"
+    batch_size: int = Field(64, ge=1, le=4096, description="prompts per forward batch (the "
+                            "prompts of several patches; each image's prefix computed once)")
+    max_pixels: Optional[int] = Field(
+        None, ge=3136, description="largest image (pixels) the image processor keeps, larger "
+        "ones are downscaled (null = the processor's own setting)")
+    repetition_penalty: Optional[float] = Field(
+        None, gt=0, le=10, description="null = the model's generation config (1.0 if unset)")
+    min_new_tokens: int = Field(0, ge=0, le=8192, description="the end token is suppressed "
+                                "until this many tokens (benchmarks only; 0 in use)")
+    clean_retries: int = Field(1, ge=0, le=10, description="re-asks, by sampling, of an "
+                               "answer that fails output cleaning (greedy would repeat it)")
+    clean_retry_temperature: float = Field(0.7, gt=0, le=2,
+                                           description="temperature of a re-ask (seed + k)")
+
+
 class BackendParams(Section):
     """Which annotator answers requests, and its generation parameters."""
 
@@ -163,6 +218,7 @@ class BackendParams(Section):
     max_tokens: int = Field(128, ge=1, le=8192)
     seed: int = 0
     openai: OpenAIParams = Field(default_factory=OpenAIParams)
+    transformers: TransformersParams = Field(default_factory=TransformersParams)
 
 
 class AnnotateParams(Section):
@@ -181,6 +237,23 @@ class ComposeParams(Section):
         True, description="same-category instances at one position with the same description "
         "share one sentence: '<p> ship-2 </p> [SEG] , and <p> ship-3 </p> [SEG] ...'")
     seed: int = 0
+    composer: Literal["deterministic", "llm"] = Field(
+        "deterministic", description="llm: a language model writes the paragraph (as the paper "
+        "did); any failure falls back to the deterministic composer, counted in the report")
+    llm_backend: Optional[BackendParams] = Field(
+        None, description="backend of the llm composer (null = annotate.backend)")
+    llm_prompt_version: str = "v1"
+    llm_with_image: bool = Field(False, description="send the tile's image with the compose "
+                                 "prompt (false: text only, for a text-only LLM)")
+
+
+class ReviewParams(Section):
+    """Human review: where the decisions are, and whether records nobody reviewed go on."""
+
+    decisions: str = Field("reviews/decisions.jsonl",
+                           description="JSONL of review decisions (committed: decisions are data)")
+    export_unreviewed: bool = Field(True, description="pass records nobody reviewed on to "
+                                    "export; false = export only accepted and edited ones")
 
 
 class ExportParams(Section):
@@ -199,6 +272,172 @@ class ExportParams(Section):
         100, ge=1, le=100_000, description="Parquet rows per row group (~100 suits image rows)")
 
 
+class QAParams(Section):
+    """Quality report: metrics/qa.json, DVC plots and the HTML report of tiles over masks."""
+
+    tiles_per_page: int = Field(50, ge=1, le=1000, description="tiles on one HTML report page")
+    max_tiles: Optional[int] = Field(
+        None, ge=1, description="tiles shown in the HTML report, first in shard order "
+        "(null = all); the metrics always cover every record")
+    thumbnail_size: int = Field(512, ge=64, le=4096,
+                                description="longest side (px) of a tile image in the report")
+    jpeg_quality: int = Field(75, ge=1, le=100, description="JPEG quality of report images")
+    mask_alpha: float = Field(0.45, ge=0, le=1, description="opacity of a phrase's mask fill")
+    contour_thickness: int = Field(1, ge=0, le=8, description="px of a mask's outline (0 = none)")
+    caption_bin_chars: int = Field(100, ge=1, le=10_000,
+                                   description="bin width of the caption length histogram")
+    reference_splits: dict[str, str] = Field(
+        default_factory=lambda: {"train": "train", "val": "test"},
+        description="our split -> the GeoPixelD split its figures are compared with "
+                    "(GeoPixelD's test came from iSAID val)")
+
+
+class ImageryParams(Section):
+    """New imagery (`geopixeld annotate`): reading, 8-bit conversion, nodata, labels, polygons.
+    Tiles are cut with prepare.tile_size, prepare.stride, prepare.tiles_per_shard and
+    prepare.on_error; PNG and JPEG are decoded whole under prepare.max_image_pixels."""
+
+    split: str = Field("train", pattern=r"^[A-Za-z0-9][A-Za-z0-9_.-]*$",
+                       description="split the new tiles go to (a key of export.split_names)")
+    bands: Optional[list[int]] = Field(
+        None, min_length=1, max_length=3,
+        description="1-based bands read as R, G, B (one band = grey); null: 1 band = grey, "
+                    "3 or 4 bands = 1, 2, 3, any other count is refused")
+    stretch: Literal["percentile", "none"] = Field(
+        "percentile", description="how imagery that is not 8-bit becomes 8-bit: per-band "
+        "percentile stretch over the scene, or scaling by the integer type's range")
+    stretch_uint8: bool = Field(False, description="stretch 8-bit imagery too")
+    percentile_low: float = Field(2.0, ge=0, lt=100)
+    percentile_high: float = Field(98.0, gt=0, le=100)
+    stretch_sample_pixels: int = Field(
+        1_000_000, ge=1024, description="pixels of the decimated read the percentiles come from")
+    nodata: Optional[float] = Field(None, description="nodata value for files that declare none")
+    max_nodata_share: float = Field(0.5, ge=0, le=1,
+                                    description="tiles with more nodata than this are skipped")
+    max_scene_pixels: int = Field(
+        10_000_000_000, ge=1, description="largest TIFF/GeoTIFF (read by windows, not whole)")
+    gdal_cache_mb: int = Field(64, ge=1, le=65536,
+                               description="GDAL block cache while reading TIFF (bounds memory)")
+    min_label_area: float = Field(
+        1.0, ge=0, description="label boxes/polygons of at most this many px² are degenerate: "
+        "skipped and counted")
+    keep_difficult: bool = Field(True, description="keep DOTA objects flagged difficult")
+    category_property: str = Field(
+        "category", description="GeoJSON feature property naming the category (absent: the "
+        "object's category is unknown)")
+    geojson_crs: Optional[str] = Field(
+        None, description="CRS of GeoJSON labels without a 'crs' member (null: WGS 84, RFC 7946)")
+    polygon_tolerance_px: float = Field(
+        0.5, ge=0, description="simplification of the georeferenced phrase polygons, in pixels")
+
+    @model_validator(mode="after")
+    def _check(self) -> "ImageryParams":
+        if self.bands is not None:
+            if len(self.bands) not in (1, 3) or min(self.bands) < 1:
+                raise ValueError("bands: one band (grey) or three (R, G, B), numbered from 1")
+        if self.percentile_low >= self.percentile_high:
+            raise ValueError("percentile_low must be below percentile_high")
+        return self
+
+
+class SamParams(Section):
+    """Segment-anything masks for new imagery (--masks sam, --masks dota DIR).
+    sam: the automatic mask generator per tile; dota: box prompts, one encoding per tile."""
+
+    checkpoint: Optional[str] = Field(None, description="SAM checkpoint (.pth); needed for "
+                                      "--masks sam and --masks dota")
+    model_type: str = Field("vit_h", description="vit_h, vit_l or vit_b (matching the checkpoint)")
+    device: str = Field("auto", description="auto (cuda if available), cpu, cuda, cuda:N")
+    points_per_side: int = Field(32, ge=1, le=256)
+    points_per_batch: int = Field(64, ge=1, le=4096)
+    pred_iou_thresh: float = Field(0.88, ge=0, le=1)
+    stability_score_thresh: float = Field(0.95, ge=0, le=1)
+    box_nms_thresh: float = Field(0.7, ge=0, le=1)
+    crop_n_layers: int = Field(0, ge=0, le=4)
+    min_mask_region_area: int = Field(0, ge=0, description="SAM's hole/island clean-up (px)")
+    min_area: int = Field(50, ge=0, description="automatic masks of fewer px are dropped")
+    max_area_share: float = Field(
+        0.25, gt=0, le=1, description="automatic masks covering more of the tile are dropped")
+    max_overlap: float = Field(
+        0.5, ge=0, le=1, description="an automatic mask with more than this share of its area "
+        "under masks kept before it (best predicted IoU first) is dropped")
+    max_objects_per_tile: int = Field(200, ge=1, le=10_000)
+    box_batch: int = Field(64, ge=1, le=4096, description="box prompts per predict_torch call")
+    clip_to_box: bool = Field(True, description="cut a box-prompted mask to its oriented box")
+    empty_box_fallback: Literal["polygon", "drop"] = Field(
+        "polygon", description="a box whose SAM mask is empty: keep its polygon, or drop it")
+
+
+class FinetuneParams(Section):
+    """GeoPixel-style fine-tuning: a multimodal LM + [SEG] + SAM mask decoder, LoRA."""
+
+    base_model_path: str = Field(
+        "", description="AutoModelForImageTextToText folder (or hub id), e.g. a Qwen2.5-VL "
+        "Instruct model; empty = the finetune stage is skipped")
+    sam_checkpoint_path: str = Field("", description="segment-anything weights (.pth)")
+    sam_model_type: Literal["vit_h", "vit_l", "vit_b", "custom"] = Field(
+        "vit_h", description="SAM shape; custom = read sam_config.json beside the weights")
+    splits: list[str] = Field(default_factory=lambda: ["train"], min_length=1,
+                              description="export splits trained on")
+    question: str = Field(
+        "Could you perform an in-depth analysis of this photo, including interleaved "
+        "segmentation masks to map each part of your answer to specific image object?",
+        description="the user turn of every sample (GeoPixelD's question)")
+    seg_token: str = "[SEG]"
+    max_answer_tokens: int = Field(
+        1536, ge=8, le=65536, description="longer captions are cut; [SEG]s cut off lose "
+        "their masks")
+    epochs: int = Field(3, ge=1, le=10_000)
+    max_steps: int = Field(0, ge=0, description="optimizer steps; 0 = as many as epochs give")
+    lr: float = Field(3e-4, gt=0, le=1)
+    weight_decay: float = Field(0.0, ge=0, le=1)
+    lr_schedule: Literal["linear", "cosine", "constant"] = Field(
+        "linear", description="after warm-up: decay to 0 at the last step, or constant")
+    warmup_steps: int = Field(100, ge=0)
+    batch_size: int = Field(2, ge=1, le=1024, description="samples per micro-batch")
+    grad_accum: int = Field(10, ge=1, le=1024, description="micro-batches per optimizer step")
+    max_grad_norm: float = Field(1.0, ge=0, description="gradient clipping; 0 = none")
+    lora_r: int = Field(8, ge=1, le=1024)
+    lora_alpha: int = Field(16, ge=1)
+    lora_dropout: float = Field(0.05, ge=0, lt=1)
+    lora_target_modules: list[str] = Field(
+        default_factory=lambda: ["q_proj", "k_proj", "v_proj", "o_proj"], min_length=1,
+        description="language-model attention projections given LoRA (never the vision tower)")
+    ce_weight: float = Field(1.0, ge=0, description="loss = ce_weight*CE + bce_weight*BCE + "
+                             "dice_weight*Dice (GeoPixel: 1.0, 2.0, 0.5)")
+    bce_weight: float = Field(2.0, ge=0)
+    dice_weight: float = Field(0.5, ge=0)
+    seed: int = 0
+    device: str = Field("auto", pattern=r"^(auto|cpu|cuda(:\d+)?)$",
+                        description="auto = cuda when available")
+    bf16: bool = Field(True, description="bf16 weights + autocast on CUDA (float32 on CPU)")
+    gradient_checkpointing: bool = Field(True, description="on CUDA only")
+    num_workers: int = Field(2, ge=0, le=64, description="data loader processes")
+    save_every: int = Field(500, ge=1, description="optimizer steps between checkpoints")
+    keep_checkpoints: int = Field(2, ge=1, le=1000)
+    work_dir: str = Field(
+        ".cache/geopixeld/finetune", description="resumable checkpoints, one folder per run "
+        "(params + data); outside build/ so a killed run resumes")
+
+
+class EvaluateParams(Section):
+    """RS-GCG evaluation (GLaMM's GCG metrics) of a fine-tuned checkpoint or a predictions file."""
+
+    split: str = Field("val", description="export split scored (GeoPixelD's test = iSAID val)")
+    text_encoder: Literal["bert", "bag-of-words"] = Field(
+        "bert", description="phrase similarity for Recall; bert = GLaMM's (needs the weights)")
+    bert_model_path: str = "bert-base-uncased"
+    text_threshold: float = Field(0.5, ge=0, le=1)
+    iou_threshold: float = Field(0.5, ge=0, le=1)
+    captions: bool = Field(True, description="CIDEr and METEOR (pycocoevalcap, Java)")
+    batch_size: int = Field(4, ge=1, le=1024, description="records per generate call")
+    max_new_tokens: int = Field(1024, ge=1, le=65536)
+    mask_threshold: float = Field(0.0, description="mask logit above which a pixel is in")
+    max_records: int = Field(0, ge=0, description="score only the first N records; 0 = all")
+    device: str = Field("auto", pattern=r"^(auto|cpu|cuda(:\d+)?)$")
+    bf16: bool = Field(True, description="bf16 on CUDA (float32 on CPU)")
+
+
 class RunnerParams(Section):
     scheduler: Optional[str] = Field(None, description="dask.distributed address; None = local")
     local_scheduler: Literal["threads", "processes", "synchronous"] = "threads"
@@ -211,8 +450,14 @@ class Params(Section):
     plan: PlanParams = Field(default_factory=PlanParams)
     annotate: AnnotateParams = Field(default_factory=AnnotateParams)
     compose: ComposeParams = Field(default_factory=ComposeParams)
+    review: ReviewParams = Field(default_factory=ReviewParams)
     export: ExportParams = Field(default_factory=ExportParams)
+    qa: QAParams = Field(default_factory=QAParams)
     runner: RunnerParams = Field(default_factory=RunnerParams)
+    imagery: ImageryParams = Field(default_factory=ImageryParams)
+    sam: SamParams = Field(default_factory=SamParams)
+    finetune: FinetuneParams = Field(default_factory=FinetuneParams)
+    evaluate: EvaluateParams = Field(default_factory=EvaluateParams)
 
 
 def load_params(path: str | Path = "params.yaml") -> Params:

@@ -15,6 +15,7 @@ from functools import partial
 from pathlib import Path
 
 import prompts
+from pipeline.categories import UNKNOWN_CATEGORY
 from pipeline.errors import BadAnnotationError, EmptyInputError, GeoPixelDError
 from pipeline.imaging import decode_png, sha256
 from pipeline.params import Params, PlanParams
@@ -27,8 +28,12 @@ from schemas import Request, Tile, TilePlan
 
 # the passes plan writes requests for (RequestKind also has kinds that later stages make)
 KINDS: tuple[str, ...] = ("holistic", "instance", "cluster")
+# the pass (requests/<pass>/ folder) of each request kind plan makes
+PASS_OF = {"holistic": "holistic", "instance": "instance", "instance_batch": "instance",
+           "cluster": "cluster"}
 
-__all__ = ["KINDS", "plan_shard", "plan_tile", "request_id", "run_plan"]
+__all__ = ["KINDS", "mark_requests", "marks_batch_requests", "plan_shard", "plan_tile",
+           "request_id", "run_plan"]
 
 
 def request_id(tile_id: str, kind: str, prompt_version: str, prompt: str, image_sha256: str,
@@ -81,25 +86,67 @@ def _plan(tile: Tile, params: PlanParams) -> tuple[TilePlan, list[Request], list
         som_png = render_set_of_marks(image, placement.marks, params.marks)
         som_sha = sha256(som_png)
 
-    pos_of = dict(zip(ids, positions))
-    for mark in placement.marks:
-        inst = by_id[mark.object_id]
-        prompt = prompts.render("instance", version, category_name=category_prior(inst.category),
-                                pos=pos_of[mark.object_id], mark_number=mark.number)
-        requests.append(_request(tile.tile_id, "instance", version, prompt, som_sha,
-                                 [mark.object_id], category=inst.category,
-                                 position=pos_of[mark.object_id], mark_number=mark.number))
-    for cluster in split.clusters:
-        prompt = prompts.render("cluster", version, cluster_info=cluster.cluster_info,
-                                category_name=category_prior(cluster.category, many=True),
-                                pos=cluster.region)
-        requests.append(_request(tile.tile_id, "cluster", version, prompt, tile.image_sha256,
-                                 list(cluster.object_ids), category=cluster.category,
-                                 position=cluster.region, cluster_id=cluster.cluster_id))
     plan = TilePlan(tile_id=tile.tile_id, split=tile.split, positions=positions,
                     marks=placement.marks, clusters=split.clusters,
                     unplanned_object_ids=unplanned, som_png=som_png, som_sha256=som_sha)
+    if params.batched_marks:
+        requests.extend(marks_batch_requests(tile, plan, version))
+    else:
+        requests.extend(mark_requests(tile, plan, version))
+    for cluster in split.clusters:
+        if cluster.category == UNKNOWN_CATEGORY:
+            prompt = prompts.render("cluster_unknown", version,
+                                    cluster_info=cluster.cluster_info, pos=cluster.region)
+        else:
+            prompt = prompts.render("cluster", version, cluster_info=cluster.cluster_info,
+                                    category_name=category_prior(cluster.category, many=True),
+                                    pos=cluster.region)
+        requests.append(_request(tile.tile_id, "cluster", version, prompt, tile.image_sha256,
+                                 list(cluster.object_ids), category=cluster.category,
+                                 position=cluster.region, cluster_id=cluster.cluster_id))
     return plan, requests, placement.unmarkable_ids
+
+
+def mark_requests(tile: Tile, plan: TilePlan, version: str) -> list[Request]:
+    """One instance request per mark of a planned tile, in mark order. Also how a batched-marks
+    request is split back into the questions it bundles (same prompts, same ids)."""
+    category_of = {o.object_id: o.category for o in tile.objects}
+    pos_of = dict(zip((o.object_id for o in tile.objects), plan.positions))
+    requests = []
+    for mark in sorted(plan.marks, key=lambda m: m.number):
+        category = category_of[mark.object_id]
+        if category == UNKNOWN_CATEGORY:  # category-free variant: never invent one
+            prompt = prompts.render("instance_unknown", version, pos=pos_of[mark.object_id],
+                                    mark_number=mark.number)
+        else:
+            prompt = prompts.render("instance", version,
+                                    category_name=category_prior(category),
+                                    pos=pos_of[mark.object_id], mark_number=mark.number)
+        requests.append(_request(tile.tile_id, "instance", version, prompt,
+                                 plan.som_sha256 or "", [mark.object_id], category=category,
+                                 position=pos_of[mark.object_id], mark_number=mark.number))
+    return requests
+
+
+def marks_batch_requests(tile: Tile, plan: TilePlan, version: str) -> list[Request]:
+    """The batched-marks request of a planned tile (none without marks): one call describes
+    every marked object; its object_ids are the marked objects by mark number, marks numbered
+    1..n (what the answer's "mark" fields refer to)."""
+    marks = sorted(plan.marks, key=lambda m: m.number)
+    if not marks:
+        return []
+    if [m.number for m in marks] != list(range(1, len(marks) + 1)):
+        raise BadAnnotationError(f"tile {tile.tile_id}: marks are not numbered 1..{len(marks)}")
+    category_of = {o.object_id: o.category for o in tile.objects}
+    pos_of = dict(zip((o.object_id for o in tile.objects), plan.positions))
+    lines = []
+    for mark in marks:
+        category = category_of[mark.object_id]
+        name = "object" if category == UNKNOWN_CATEGORY else category_prior(category)
+        lines.append(f"Mark {mark.number}: the {name} at the {pos_of[mark.object_id]}")
+    prompt = prompts.render("instance_batch", version, marks="\n".join(lines))
+    return [_request(tile.tile_id, "instance_batch", version, prompt, plan.som_sha256 or "",
+                     [m.object_id for m in marks])]
 
 
 def plan_tile(tile: Tile, params: PlanParams) -> tuple[TilePlan, list[Request]]:
@@ -119,9 +166,10 @@ def plan_shard(item: tuple[Path, Path], params: PlanParams) -> dict:
             plan, reqs, unmarkable = _plan(tile, params)
             plans.append(plan)
             for r in reqs:
-                requests[r.kind].append(r)
+                requests[PASS_OF[r.kind]].append(r)
             counts["objects"] += len(tile.objects)
             counts["marks"] += len(plan.marks)
+            counts["marked_tiles"] += bool(plan.marks)
             counts["clusters"] += len(plan.clusters)
             counts["clustered_objects"] += sum(len(c.object_ids) for c in plan.clusters)
             counts["unplanned_objects"] += len(plan.unplanned_object_ids)
@@ -172,6 +220,14 @@ def run_plan(params: Params, tiles_dir: Path, out_dir: Path, scheduler: str | No
             "requests_total": total_requests,
             "requests_per_tile": {k: round(v / tiles, 4) if tiles else 0.0
                                   for k, v in {**requests, "total": total_requests}.items()},
+            # model calls per tile of each instance-pass mode (one per mark, or one per
+            # marked tile), the other passes included; `batched_marks` says which is planned
+            "batched_marks": params.plan.batched_marks,
+            "calls_per_tile": {
+                mode: round((requests["holistic"] + requests["cluster"] + instance) / tiles, 4)
+                if tiles else 0.0
+                for mode, instance in (("per_mark", total["marks"]),
+                                       ("batched_marks", total["marked_tiles"]))},
             "prompt_version": params.plan.prompt_version,
             "params_digest": params.plan.digest(),
         }

@@ -113,6 +113,11 @@ def staged_folder(folder: Path) -> Iterator[Path]:
     """Yield an empty staging folder that replaces `folder` only if the block succeeds."""
     folder = Path(folder)
     folder.parent.mkdir(parents=True, exist_ok=True)
+    # what a killed run of this stage left behind (a run that dies cannot clean up after itself)
+    for stale in folder.parent.glob(f".{folder.name}.staging-*"):
+        shutil.rmtree(stale, ignore_errors=True)
+    for stale in folder.parent.glob(f".{folder.name}.old-*"):
+        shutil.rmtree(stale, ignore_errors=True)
     staging = Path(tempfile.mkdtemp(prefix=f".{folder.name}.staging-", dir=folder.parent))
     try:
         yield staging

@@ -3,6 +3,7 @@ parameter change re-runs exactly the stages downstream of it."""
 
 from __future__ import annotations
 
+import json
 import re
 import shutil
 import subprocess
@@ -13,7 +14,7 @@ import pytest
 import yaml
 
 STAGES = ["prepare", "plan", "annotate-holistic", "annotate-instances", "annotate-clusters",
-          "compose", "export"]
+          "compose", "review", "export", "qa", "finetune", "evaluate"]
 
 
 def _copy_checkout(repo: Path, dest: Path) -> None:
@@ -68,9 +69,20 @@ def test_dvc_repro_fresh_clone_then_noop_then_partial(checkout, venv_env):
     (checkout / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
     third = _run(["dvc", "repro"], checkout, venv_env)
     assert "prepare" not in _ran(third)
-    assert {"plan", "compose", "export"} <= _ran(third)
+    assert {"plan", "compose", "export", "qa"} <= _ran(third)
+    assert json.loads((checkout / "metrics/rs_gcg.json").read_text())["evaluated"] is False
 
     params["compose"]["max_caption_chars"] = params["compose"]["max_caption_chars"] + 1
     (checkout / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
     fourth = _run(["dvc", "repro"], checkout, venv_env)
-    assert _ran(fourth) == {"compose", "export"}
+    assert _ran(fourth) == {"compose", "review", "export", "qa", "finetune", "evaluate"}
+
+    # a reviewer's decision re-runs review and what follows, nothing before it
+    from pipeline.review import append_decisions, decide
+    from pipeline.shards import list_shards, read_records
+    from schemas import GroundedRecord
+
+    record = read_records(list_shards(checkout / "build/records")[0], GroundedRecord)[0]
+    append_decisions(checkout / "reviews/decisions.jsonl", [decide(record, "reject")])
+    fifth = _run(["dvc", "repro"], checkout, venv_env)
+    assert _ran(fifth) == {"review", "export", "qa", "finetune", "evaluate"}

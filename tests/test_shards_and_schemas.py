@@ -107,3 +107,15 @@ def test_decode_crop_equals_full_decode_on_random_and_edge_masks():
             ys, xs = np.nonzero(m)
             assert (x0, y0) == (xs.min(), ys.min())
             assert crop.shape == (ys.max() - ys.min() + 1, xs.max() - xs.min() + 1)
+
+
+def test_staged_folder_removes_what_a_killed_run_left(tmp_path):
+    out = tmp_path / "tiles"
+    leftover = tmp_path / ".tiles.staging-abc123"
+    leftover.mkdir()
+    (leftover / "half.parquet").write_bytes(b"half")
+    other = tmp_path / ".plan.staging-xyz"       # another stage's: not ours to remove
+    other.mkdir()
+    with staged_folder(out) as staging:
+        (staging / "a.txt").write_text("done")
+    assert sorted(p.name for p in tmp_path.iterdir()) == [".plan.staging-xyz", "tiles"]

@@ -1,0 +1,183 @@
+"""Georeferenced outputs: GeoTIFF scenes made here (rasterio, CRS + transform) with GeoJSON
+labels go through `run_annotate_imagery`; every exported phrase polygon must land on the map
+coordinates of the label it grounds, in the GeoJSON per split and in the GeoParquet
+`geometry` column; a scene in another CRS is reprojected into the file's CRS."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pyarrow.parquet as pq
+import pyproj
+import pytest
+import rasterio
+import shapely
+from rasterio.transform import Affine
+from shapely.geometry import shape
+
+from pipeline.georef import mask_geometry
+from pipeline.new_imagery import run_annotate_imagery
+from pipeline.params import parse_params
+from pipeline.shards import list_shards
+
+UTM, MERCATOR = "EPSG:32633", "EPSG:3857"
+PIXEL = 0.5
+UTM_TRANSFORM = Affine(PIXEL, 0.0, 500000.0, 0.0, -PIXEL, 4200000.0)
+# label squares in scene pixels (col0, row0, col1, row1): one per 256 px tile, so that each
+# tile's own transform (its window's offset) is exercised
+SQUARES = {1: (40, 30, 80, 70), 2: (300, 60, 340, 90), 3: (100, 300, 150, 340),
+           4: (380, 400, 420, 440)}
+
+
+def map_box(transform: Affine, c0, r0, c1, r1) -> tuple[float, float, float, float]:
+    (x0, y0), (x1, y1) = transform @ (c0, r0), transform @ (c1, r1)
+    return min(x0, x1), min(y0, y1), max(x0, x1), max(y0, y1)
+
+
+def write_scene(path: Path, crs: str, transform: Affine) -> None:
+    rng = np.random.default_rng(3)
+    data = rng.integers(70, 110, (3, 512, 512), dtype=np.uint8)
+    for i, (c0, r0, c1, r1) in SQUARES.items():
+        data[:, r0:r1, c0:c1] = 40 + 45 * i
+    with rasterio.open(path, "w", driver="GTiff", width=512, height=512, count=3,
+                       dtype="uint8", crs=crs, transform=transform) as ds:
+        ds.write(data)
+
+
+def geojson(path: Path, crs: str, transform: Affine) -> None:
+    features = []
+    for i, square in SQUARES.items():
+        x0, y0, x1, y1 = map_box(transform, *square)
+        features.append({"type": "Feature", "id": i, "properties": {"category": "building"},
+                         "geometry": {"type": "Polygon", "coordinates": [[
+                             [x0, y0], [x1, y0], [x1, y1], [x0, y1], [x0, y0]]]}})
+    code = crs.split(":")[1]
+    path.write_text(json.dumps({"type": "FeatureCollection", "features": features,
+                                "crs": {"type": "name", "properties": {
+                                    "name": f"urn:ogc:def:crs:EPSG::{code}"}}}))
+
+
+@pytest.fixture(scope="module")
+def exported(tmp_path_factory):
+    """One run over two scenes 5 km apart: A in UTM 33N, B in Web Mercator; all labels in one
+    UTM GeoJSON (B's are reprojected on reading)."""
+    root = tmp_path_factory.mktemp("geo")
+    write_scene(root / "A.tif", UTM, UTM_TRANSFORM)
+    to_merc = pyproj.Transformer.from_crs(UTM, MERCATOR, always_xy=True)
+    mx, my = to_merc.transform(505000.0, 4200000.0)
+    merc_transform = Affine(0.6, 0.0, mx, 0.0, -0.6, my)
+    write_scene(root / "B.tif", MERCATOR, merc_transform)
+    # B's labels in UTM: map B's pixel squares to Mercator, then to UTM
+    to_utm = pyproj.Transformer.from_crs(MERCATOR, UTM, always_xy=True)
+    features = []
+    for i, (c0, r0, c1, r1) in SQUARES.items():
+        ring = [merc_transform @ (c, r) for c, r in ((c0, r0), (c1, r0), (c1, r1), (c0, r1))]
+        ring = [list(to_utm.transform(x, y)) for x, y in ring]
+        features.append({"type": "Feature", "id": 100 + i,
+                         "properties": {"category": "storage_tank"},
+                         "geometry": {"type": "Polygon", "coordinates": [ring + ring[:1]]}})
+    geojson(root / "labels.geojson", UTM, UTM_TRANSFORM)
+    labels = json.loads((root / "labels.geojson").read_text())
+    labels["features"] += features
+    (root / "labels.geojson").write_text(json.dumps(labels))
+    params = parse_params({"prepare": {"tile_size": 256, "stride": 256},
+                           "annotate": {"cache": {"enabled": False}},
+                           "imagery": {"polygon_tolerance_px": 0.5},
+                           "runner": {"local_scheduler": "synchronous"}})
+    summary = run_annotate_imagery([root / "A.tif", root / "B.tif"], root / "out", params,
+                                   "geojson", root / "labels.geojson", None)
+    return root / "out", summary, merc_transform
+
+
+def features_by_object(out: Path) -> tuple[dict, dict]:
+    fc = json.loads((out / "export" / "geojson" / "train.geojson").read_text())
+    return fc, {f["properties"]["object_ids"][0]: f for f in fc["features"]}
+
+
+def test_exported_polygons_land_at_the_labels_map_coordinates(exported):
+    out, summary, _ = exported
+    assert summary["georeferenced"] and summary["geojson"] == {"train": "geojson/train.geojson"}
+    assert summary["objects"] == 8 and summary["phrases"] == 8
+    fc, by_object = features_by_object(out)
+    assert fc["crs"]["properties"]["name"] == "urn:ogc:def:crs:EPSG::32633"
+    for i, square in SQUARES.items():
+        geom = shape(by_object[i]["geometry"])
+        # pixel-exact: the label's square in metres, not a pixel more or less
+        assert geom.bounds == pytest.approx(map_box(UTM_TRANSFORM, *square), abs=1e-6)
+        assert geom.area == pytest.approx((square[2] - square[0]) * (square[3] - square[1])
+                                          * PIXEL ** 2)
+        assert by_object[i]["properties"]["category"] == "building"
+        # RFC 7946: exterior rings counter-clockwise
+        assert shapely.is_ccw(geom.geoms[0].exterior)
+
+
+def test_scene_in_another_crs_is_reprojected_into_the_files_crs(exported):
+    out, _, merc_transform = exported
+    _, by_object = features_by_object(out)
+    to_utm = pyproj.Transformer.from_crs(MERCATOR, UTM, always_xy=True)
+    for i, (c0, r0, c1, r1) in SQUARES.items():
+        corners = [to_utm.transform(*(merc_transform @ (c, r)))
+                   for c, r in ((c0, r0), (c1, r0), (c1, r1), (c0, r1))]
+        expected = shapely.Polygon(corners)
+        geom = shape(by_object[100 + i]["geometry"])
+        assert geom.symmetric_difference(expected).area < 0.02 * expected.area
+
+
+def test_geoparquet_geometry_column_and_metadata(exported):
+    out, summary, _ = exported
+    shards = list_shards(out / "export" / "parquet")
+    assert shards
+    for path in shards:
+        table = pq.read_table(path)
+        geo = json.loads(table.schema.metadata[b"geo"])
+        assert geo["version"] == "1.0.0" and geo["primary_column"] == "geometry"
+        column = geo["columns"]["geometry"]
+        assert column["encoding"] == "WKB"
+        assert pyproj.CRS.from_json_dict(column["crs"]) == pyproj.CRS(UTM)
+        hf = json.loads(table.schema.metadata[b"huggingface"])["info"]["features"]
+        assert list(hf) == table.column_names  # `datasets` features follow the columns
+        for row in table.select(["tile_id", "masks", "geometry"]).to_pylist():
+            collection = shapely.from_wkb(row["geometry"])
+            assert len(collection.geoms) == len(row["masks"])  # i-th member = i-th [SEG]
+            minx, miny, maxx, maxy = column["bbox"]
+            x0, y0, x1, y1 = collection.bounds
+            assert minx <= x0 and miny <= y0 and x1 <= maxx and y1 <= maxy
+    rows = {r["tile_id"]: r for p in shards for r in pq.read_table(
+        p, columns=["tile_id", "object_ids", "geometry"]).to_pylist()}
+    row = rows["A_0_256_0_256"]
+    assert row["object_ids"] == [[1]]
+    assert shapely.from_wkb(row["geometry"]).geoms[0].bounds == pytest.approx(
+        map_box(UTM_TRANSFORM, *SQUARES[1]))
+
+
+def test_mask_geometry_keeps_holes_and_follows_a_rotated_transform():
+    mask = np.zeros((20, 20), np.uint8)
+    mask[2:12, 3:13] = 1
+    mask[5:8, 6:9] = 0  # a hole
+    rotated = Affine.translation(1000, 2000) @ Affine.rotation(30) @ Affine.scale(2, -2)
+    geom = mask_geometry(mask, tuple(rotated)[:6], tolerance_px=0.0)
+    assert len(geom.geoms) == 1 and len(geom.geoms[0].interiors) == 1
+    assert geom.area == pytest.approx((100 - 9) * 4)
+    corner = rotated @ (3, 2)
+    assert min(shapely.Point(corner).distance(shapely.Point(p))
+               for p in geom.geoms[0].exterior.coords) < 1e-6
+    assert mask_geometry(np.zeros((4, 4), np.uint8), tuple(rotated)[:6], 0.5).is_empty
+    # simplification (in pixels) removes the staircase of a diagonal edge
+    diagonal = np.tril(np.ones((40, 40), np.uint8))
+    exact = mask_geometry(diagonal, tuple(UTM_TRANSFORM)[:6], 0.0)
+    simple = mask_geometry(diagonal, tuple(UTM_TRANSFORM)[:6], 1.0)
+    assert len(simple.geoms[0].exterior.coords) < len(exact.geoms[0].exterior.coords) / 10
+
+
+def test_geoparquet_shards_still_load_with_datasets(exported, tmp_path):
+    from datasets import load_dataset
+
+    out, _, _ = exported
+    files = [str(p) for p in list_shards(out / "export" / "parquet")]
+    ds = load_dataset("parquet", data_files=files, split="train", cache_dir=str(tmp_path))
+    assert len(ds) == 8
+    row = ds[0]
+    assert row["image"].size == (256, 256)
+    assert shapely.from_wkb(row["geometry"]).geom_type == "GeometryCollection"
