@@ -13,7 +13,7 @@ They are part of the template model: changing one changes the words, so it shoul
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Mapping, Sequence
 
 import cv2
@@ -291,7 +291,6 @@ def mask_shape(mask: np.ndarray) -> Shape:
     if len(xs) == 0:
         raise ValueError("empty mask has no shape")
     points = np.column_stack([xs, ys]).astype(np.float32)
-    (cx, cy), _, _ = cv2.minAreaRect(points)
     corners = cv2.boxPoints(cv2.minAreaRect(points))
     edge_a, edge_b = corners[1] - corners[0], corners[2] - corners[1]
     len_a, len_b = float(np.hypot(*edge_a)), float(np.hypot(*edge_b))
@@ -565,16 +564,20 @@ def measure_tile(tile: Tile, grid: int = 3) -> TileMeasure:
     union = np.zeros(image.shape[:2], dtype=bool)
     objects: dict[int, ObjectMeasure] = {}
     for obj in tile.objects:
-        mask = masks.decode(obj.mask).astype(bool)
-        if mask.shape != image.shape[:2]:
+        if list(obj.mask.size) != list(image.shape[:2]):
             raise ValueError(f"mask of object {obj.object_id} is "
-                             f"{mask.shape[1]}x{mask.shape[0]}, image is "
+                             f"{obj.mask.size[1]}x{obj.mask.size[0]}, image is "
                              f"{image.shape[1]}x{image.shape[0]}")
-        if not mask.any():
+        # measure on the object's box only: aerial tiles hold hundreds of small objects
+        crop, x0, y0 = masks.decode_crop(obj.mask)
+        if crop.size == 0:
             continue
-        union |= mask
+        mask = crop.astype(bool)
+        box = (slice(y0, y0 + mask.shape[0]), slice(x0, x0 + mask.shape[1]))
+        union[box] |= mask
         shape = mask_shape(mask)
-        rgb = median_colour(image, mask)
+        shape = replace(shape, cx=shape.cx + x0, cy=shape.cy + y0)
+        rgb = median_colour(image[box], mask)
         objects[obj.object_id] = ObjectMeasure(
             object_id=obj.object_id, category=obj.category, area=int(mask.sum()), shape=shape,
             rgb=rgb, colour=colour_name(rgb),
