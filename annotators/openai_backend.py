@@ -196,6 +196,15 @@ def clean_marks_answer(raw: str, request: Request, limits: CleaningLimits) -> Cl
     return Cleaned(text, "ok", tuple(fixes))
 
 
+def without_cut_sentence(raw: str, request: Request, finish_reason: Optional[str]) -> str:
+    """The model's text, less its last sentence when max_tokens cut it off (prose kinds only;
+    JSON and compositions are judged whole). This is what is cleaned and cached."""
+    if finish_reason == "length" and isinstance(raw, str) and request.kind not in (
+            "instance_batch", "compose"):
+        return drop_unfinished_sentence(raw)
+    return raw
+
+
 def clean_answer(raw: str, request: Request, limits: CleaningLimits) -> Cleaned:
     """The one cleaning entry of this backend: per request kind (see the module docstring)."""
     if request.kind == "instance_batch":
@@ -482,10 +491,7 @@ class _Run:
             prompt_tokens += call.usage.prompt_tokens
             completion_tokens += call.usage.completion_tokens
             cost += self.backend.cost(call.usage, call.served_model)
-            raw = call.text
-            if call.finish_reason == "length" and request.kind not in ("instance_batch",
-                                                                      "compose"):
-                raw = drop_unfinished_sentence(raw)  # cut by max_tokens: drop the broken one
+            raw = without_cut_sentence(call.text, request, call.finish_reason)
             cleaned = clean_answer(raw, request, self.limits)
             self.stats.cleaning_fixes.update(cleaned.fixes)
             if cleaned.ok and MARKS_MISSING in cleaned.fixes:

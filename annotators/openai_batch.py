@@ -31,7 +31,7 @@ from annotators.cache import OpenBatch
 from annotators.cleaning import Cleaned
 from annotators.openai_backend import (
     ERROR_CHARS, MARKS_MISSING, RETRY_STATUSES, SETUP_STATUSES, OpenAIBackend, answer_for,
-    api_key, clean_answer, marks_count, retry_after_seconds,
+    api_key, clean_answer, marks_count, retry_after_seconds, without_cut_sentence,
 )
 from pipeline.errors import BadImageError, BadParamsError
 from schemas import Request, Response, Usage
@@ -402,6 +402,7 @@ class _BatchRun:
         if not isinstance(raw, str):
             outcome.error = "malformed batch output line"
             return key, None
+        raw = without_cut_sentence(raw, request, finish)
         cleaned = clean_answer(raw, request, self.backend.limits)
         self.stats.cleaning_fixes.update(cleaned.fixes)
         last = ask >= self.o.clean_retries

@@ -9,7 +9,6 @@ BadAnnotationError naming it and the offending entry.
 
 from __future__ import annotations
 
-import json
 import math
 from collections import Counter
 from dataclasses import dataclass
@@ -24,6 +23,7 @@ from pipeline.errors import BadAnnotationError, BadImageError, DuplicateNameErro
 from pipeline.imaging import decode_image, encode_png, image_size, sha256
 from pipeline.isaid import natural_key, run_length_rle, tile_layout
 from pipeline.params import PrepareParams
+from pipeline.shards import read_json
 from schemas import ObjectInstance, Tile
 
 SOURCE = "coco"
@@ -108,12 +108,7 @@ def _check_segmentation(seg: object, height: int, width: int, where: str, path: 
 def read_coco(path: Path) -> list[CocoImage]:
     """Read and check a COCO instances json; images in natural order of their file names."""
     path = Path(path)
-    try:
-        raw = json.loads(path.read_text(encoding="utf-8"))
-    except FileNotFoundError:
-        raise BadAnnotationError("COCO json not found", path) from None
-    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
-        raise BadAnnotationError(f"not valid JSON ({exc})", path) from None
+    raw = read_json(path, "COCO json")
     if not isinstance(raw, dict):
         raise BadAnnotationError("top level is not an object", path)
     for key in ("images", "annotations", "categories"):

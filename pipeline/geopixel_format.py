@@ -47,7 +47,7 @@ from pipeline.errors import (BadAnnotationError, BadImageError, BadParamsError, 
                              DuplicateNameError)
 from pipeline.imaging import PNG_SIGNATURE, decode_image, encode_png, sha256
 from pipeline.params import ExportParams, PrepareParams
-from pipeline.shards import atomic_path, safe_join, safe_name
+from pipeline.shards import atomic_path, read_json, safe_join, safe_name
 from schemas import GroundedRecord, ObjectInstance, Phrase, Provenance, Tile, Window
 
 SEG = "[SEG]"
@@ -215,16 +215,6 @@ def resolve_path(written: str, json_list_path: Path, root: Path,
                              json_list_path)
 
 
-def _load_json(path: Path, what: str, where: Path) -> object:
-    try:
-        return json.loads(Path(path).read_text(encoding="utf-8"))
-    except FileNotFoundError:
-        raise BadAnnotationError(f"{what} not found", path) from None
-    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
-        raise BadAnnotationError(f"{what} is not valid JSON ({exc.__class__.__name__})",
-                                 path) from None
-
-
 def _tile_png(data: bytes, path: Path, max_pixels: int,
               compression: int) -> tuple[bytes, int, int]:
     """The image as an 8-bit RGB PNG (kept as is when it already is one), height, width."""
@@ -326,7 +316,7 @@ def _read_item(item: object, index: int, json_list_path: Path, root: Path,
 
     if "polygons" in item:
         mask_file = resolve_path(str(item["polygons"]), json_list_path, root, export)
-        payload = _load_json(mask_file, "polygon file", json_list_path)
+        payload = read_json(mask_file, "polygon file")
         if not isinstance(payload, dict) or "polygons" not in payload:
             found = sorted(payload) if isinstance(payload, dict) else type(payload).__name__
             raise BadAnnotationError(f"no key 'polygons' (GeoPixel's loader reads 'polygons'; "
@@ -387,7 +377,7 @@ def read_geopixel(json_list_path: Path, root: Path, *, export: ExportParams | No
     prepare = PrepareParams()
     max_pixels = max_pixels or prepare.max_image_pixels
     json_list_path = Path(json_list_path)
-    items = _load_json(json_list_path, "GeoPixel list", json_list_path)
+    items = read_json(json_list_path, "GeoPixel list")
     if not isinstance(items, list):
         raise BadAnnotationError("a GeoPixel list must be a JSON array of samples",
                                  json_list_path)

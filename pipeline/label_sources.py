@@ -22,7 +22,6 @@ outside are skipped ("outside_image"). Counts go into the caller's Counter.
 
 from __future__ import annotations
 
-import json
 import math
 import re
 from collections import Counter
@@ -42,6 +41,7 @@ from pipeline.categories import ISAID_PALETTE, UNKNOWN_CATEGORY
 from pipeline.coco_source import read_coco
 from pipeline.errors import BadAnnotationError, EmptyInputError
 from pipeline.params import ImageryParams
+from pipeline.shards import read_json
 from schemas import RLE, Window
 
 # Polygons with more vertices than this are prepared (indexed) before their pixels are tested.
@@ -312,12 +312,7 @@ def read_geojson(path: Path, params: ImageryParams, counts: Counter) -> GeoLabel
     """Read a GeoJSON FeatureCollection (or one Feature) of polygons; other geometry types
     are skipped and counted as 'not_polygon'."""
     path = Path(path)
-    try:
-        raw = json.loads(path.read_text(encoding="utf-8"))
-    except FileNotFoundError:
-        raise BadAnnotationError("GeoJSON file not found", path) from None
-    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
-        raise BadAnnotationError(f"not valid JSON ({exc})", path) from None
+    raw = read_json(path, "GeoJSON file")
     if not isinstance(raw, dict) or raw.get("type") not in ("FeatureCollection", "Feature"):
         raise BadAnnotationError("not a GeoJSON FeatureCollection or Feature", path)
     items = raw.get("features") if raw["type"] == "FeatureCollection" else [raw]

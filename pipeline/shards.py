@@ -20,7 +20,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 from pydantic import BaseModel
 
-from pipeline.errors import UnsafePathError
+from pipeline.errors import BadAnnotationError, UnsafePathError
 from schemas import arrow_schema
 
 M = TypeVar("M", bound=BaseModel)
@@ -83,6 +83,17 @@ def write_records(path: Path, records: Sequence[BaseModel], model: type[BaseMode
 def read_records(path: Path, model: type[M]) -> list[M]:
     """Read one shard into records of `model`."""
     return from_table(pq.read_table(path, schema=arrow_schema(model)), model)
+
+
+def read_json(path: Path, what: str) -> object:
+    """Parse a JSON file the user gave; a missing or malformed one is a BadAnnotationError
+    naming `what` and the file."""
+    try:
+        return json.loads(Path(path).read_text(encoding="utf-8"))
+    except FileNotFoundError:
+        raise BadAnnotationError(f"{what} not found", path) from None
+    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+        raise BadAnnotationError(f"{what} is not valid JSON ({exc})", path) from None
 
 
 def write_json(path: Path, payload: object) -> Path:
