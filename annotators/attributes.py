@@ -1,9 +1,10 @@
 """Measured attributes of objects and scenes: the facts the template backend may state.
 
-Pure functions on pixels (HxWx3 uint8 RGB) and binary masks (HxW). Every word the template
-backend writes about a tile comes from one of these measurements, so nothing is invented: a
-colour is the median colour under the mask, a size is an area ratio, an orientation is the long
-side of `cv2.minAreaRect`, an arrangement is a fit of the members' centroids.
+Every word the template backend writes about a tile comes from the tile's measurements
+(`pipeline.measure`, taken once by plan and stored in `TilePlan.measurements`), so nothing is
+invented: a colour is the median colour under the mask, a size is an area ratio, an orientation
+is the long side of `cv2.minAreaRect`, an arrangement is a fit of the members' centroids, the
+ground is the share of each measured cover class.
 
 The thresholds below define the vocabulary (what "large", "in a row", "green vegetation" mean).
 They are part of the template model: changing one changes the words, so it should go with a new
@@ -13,16 +14,18 @@ They are part of the template model: changing one changes the words, so it shoul
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, field
 from typing import Mapping, Sequence
 
 import cv2
 import numpy as np
 
-from pipeline import masks
+from pipeline import measure
 from pipeline.categories import plural, readable
+from pipeline.errors import BadMaskError
 from pipeline.imaging import decode_png
-from schemas import Tile
+from pipeline.priors import instance_masks
+from schemas import Tile, TileMeasurements
 
 # --- colour names (OpenCV HSV: hue 0..179, saturation and value 0..255) ---------------------
 BLACK_MAX_VALUE = 50          # darker than this is black whatever the hue
@@ -84,11 +87,7 @@ SCATTERED_MIN_SPACING = 5.0
 MOSTLY_MIN_SHARE = 0.75       # a colour this common among members is "mostly"
 PARKED_CATEGORIES = {"small_vehicle", "large_vehicle", "plane", "helicopter"}
 
-# --- ground cover -------------------------------------------------------------------------------
-COVER_DARK_MAX_VALUE = 45
-COVER_GREY_MAX_SATURATION = 40
-COVER_BRIGHT_MIN_VALUE = 190
-COVER_MIN_SATURATION = 35
+# --- ground cover (the classes are counted by pipeline.measure) -------------------------------------------------------------------------------
 COVER_MOSTLY_MIN_SHARE = 0.5      # a dominant cover this common is "mostly"
 COVER_SECONDARY_MIN_SHARE = 0.12   # a second cover this common is mentioned
 COVER_EVERYWHERE_MIN_SHARE = 0.8   # dominant in every cell at this share = "across the image"
@@ -157,15 +156,6 @@ def category_key(category: str) -> str:
 
 # =============================================================================================
 # Colour
-
-
-def median_colour(image: np.ndarray, mask: np.ndarray) -> tuple[int, int, int]:
-    """Per-channel median RGB of the pixels under `mask` (robust to marks and highlights)."""
-    pixels = image[mask.astype(bool)]
-    if len(pixels) == 0:
-        raise ValueError("empty mask has no colour")
-    r, g, b = np.median(pixels, axis=0)
-    return int(round(r)), int(round(g)), int(round(b))
 
 
 def to_hsv(rgb: Sequence[int]) -> tuple[int, int, int]:
@@ -286,18 +276,9 @@ class Shape:
 
 
 def mask_shape(mask: np.ndarray) -> Shape:
-    """`cv2.minAreaRect` of the mask's pixels; sides counted in pixels (extent + 1)."""
-    ys, xs = np.nonzero(mask)
-    if len(xs) == 0:
-        raise ValueError("empty mask has no shape")
-    points = np.column_stack([xs, ys]).astype(np.float32)
-    corners = cv2.boxPoints(cv2.minAreaRect(points))
-    edge_a, edge_b = corners[1] - corners[0], corners[2] - corners[1]
-    len_a, len_b = float(np.hypot(*edge_a)), float(np.hypot(*edge_b))
-    long_edge = edge_a if len_a >= len_b else edge_b
-    angle = math.degrees(math.atan2(float(long_edge[1]), float(long_edge[0]))) % 180.0
-    return Shape(cx=float(xs.mean()), cy=float(ys.mean()), long=max(len_a, len_b) + 1.0,
-                 short=min(len_a, len_b) + 1.0, angle=angle)
+    """The Shape of a binary mask (`pipeline.measure.mask_shape`), in its own coordinates."""
+    cx, cy, long, short, angle = measure.mask_shape(mask)
+    return Shape(cx=cx, cy=cy, long=long, short=short, angle=angle)
 
 
 def orientation_words(shape: Shape) -> str | None:
@@ -328,22 +309,16 @@ def grid_cell(x: float, y: float, width: int, height: int, grid: int = 3) -> str
     return cell_name(row, col, grid)
 
 
-def cell_shares(mask: np.ndarray, grid: int = 3) -> dict[str, float]:
-    """Share of the mask's pixels in each grid cell."""
-    height, width = mask.shape
-    total = float(mask.sum())
-    shares = {}
-    for row in range(grid):
-        for col in range(grid):
-            part = mask[row * height // grid:(row + 1) * height // grid,
-                        col * width // grid:(col + 1) * width // grid]
-            shares[cell_name(row, col, grid)] = float(part.sum()) / total if total else 0.0
-    return shares
+def cell_shares(counts: Sequence[int], grid: int = 3) -> dict[str, float]:
+    """Share of the pixels in each grid cell, from per-cell pixel counts (row-major)."""
+    total = float(sum(counts))
+    return {cell_name(k // grid, k % grid, grid): (counts[k] / total if total else 0.0)
+            for k in range(grid * grid)}
 
 
-def concentration(object_mask: np.ndarray, grid: int = 3) -> tuple[str, float] | None:
+def concentration(object_pixels: Sequence[int], grid: int = 3) -> tuple[str, float] | None:
     """The cell with the most object area and its share of all object area."""
-    shares = cell_shares(object_mask.astype(bool), grid)
+    shares = cell_shares(object_pixels, grid)
     if not any(shares.values()):
         return None
     cell = max(shares, key=lambda c: shares[c])
@@ -439,30 +414,6 @@ def _others(n: int, category: str) -> str:
 # Ground cover
 
 
-COVER_CLASSES = ("dark areas", "green vegetation", "water", "bare brown soil",
-                 "light sandy ground", "bright pale surfaces", "grey paved surfaces",
-                 "reddish surfaces")
-
-
-def cover_classes(hsv: np.ndarray) -> np.ndarray:
-    """Per-pixel ground-cover class index (into COVER_CLASSES) from HSV heuristics."""
-    h, s, v = (hsv[..., i].astype(np.int16) for i in range(3))
-    out = np.full(h.shape, COVER_CLASSES.index("reddish surfaces"), dtype=np.uint8)
-    grey = s < COVER_GREY_MAX_SATURATION
-    rules = [  # first match wins: apply in reverse so earlier rules overwrite later ones
-        ("dark areas", v < COVER_DARK_MAX_VALUE),
-        ("bright pale surfaces", grey & (v >= COVER_BRIGHT_MIN_VALUE)),
-        ("grey paved surfaces", grey),
-        ("green vegetation", (h >= 34) & (h < 90) & (s >= COVER_MIN_SATURATION)),
-        ("water", (h >= 90) & (h < 130) & (s >= COVER_MIN_SATURATION)),
-        ("light sandy ground", (h >= 5) & (h < 34) & (v >= COVER_BRIGHT_MIN_VALUE)),
-        ("bare brown soil", (h >= 5) & (h < 34)),
-    ]
-    for name, where in reversed(rules):
-        out[where] = COVER_CLASSES.index(name)
-    return out
-
-
 @dataclass(frozen=True)
 class GroundCover:
     """Shares of each cover class over the pixels outside every object, the dominant cover's
@@ -477,32 +428,22 @@ class GroundCover:
     tone: str
 
 
-def ground_cover(image: np.ndarray, object_mask: np.ndarray, grid: int = 3) -> GroundCover:
-    """Classify the background pixels (outside `object_mask`) into ground-cover classes."""
-    ground = ~object_mask.astype(bool)
-    if not ground.any():  # objects cover the whole tile: describe what there is
-        ground = np.ones_like(ground)
-    hsv = cv2.cvtColor(image, cv2.COLOR_RGB2HSV)
-    classes = cover_classes(hsv)
-    counts = np.bincount(classes[ground], minlength=len(COVER_CLASSES))
+def ground_cover(m: TileMeasurements) -> GroundCover:
+    """Words-ready summary of a tile's measured ground-cover counts."""
+    grid, names = m.grid, m.cover_classes
+    per_cell = np.asarray(m.ground_cover, dtype=np.int64).reshape(grid * grid, len(names))
+    counts = per_cell.sum(axis=0)
     total = float(counts.sum())
-    shares = {name: float(counts[i]) / total for i, name in enumerate(COVER_CLASSES) if counts[i]}
+    shares = {name: float(counts[i]) / total for i, name in enumerate(names) if counts[i]}
     ranked = sorted(shares, key=lambda c: (-shares[c], c))
     dominant = ranked[0]
     secondary = next((c for c in ranked[1:] if shares[c] >= COVER_SECONDARY_MIN_SHARE), None)
-    dominant_pixels = (classes == COVER_CLASSES.index(dominant)) & ground
-    cells = cell_shares(dominant_pixels, grid)
-    height, width = ground.shape
-    everywhere = True
-    for row in range(grid):
-        for col in range(grid):
-            sl = (slice(row * height // grid, (row + 1) * height // grid),
-                  slice(col * width // grid, (col + 1) * width // grid))
-            n_ground = ground[sl].sum()
-            if n_ground and dominant_pixels[sl].sum() / n_ground < COVER_EVERYWHERE_MIN_SHARE:
-                everywhere = False
-    value = hsv[..., 2][ground].astype(np.float64)
-    std, mean = float(value.std()), float(value.mean())
+    dominant_pixels = per_cell[:, names.index(dominant)]
+    cells = cell_shares(dominant_pixels.tolist(), grid)
+    ground_pixels = per_cell.sum(axis=1)
+    everywhere = all(not n or d / n >= COVER_EVERYWHERE_MIN_SHARE
+                     for d, n in zip(dominant_pixels.tolist(), ground_pixels.tolist()))
+    std, mean = m.ground_value_std, m.ground_value_mean
     texture = ("uniform" if std <= TEXTURE_UNIFORM_MAX_STD else
                "strongly varied" if std >= TEXTURE_VARIED_MIN_STD else "moderately varied")
     tone = ("dark" if mean <= TONE_DARK_MAX_MEAN else
@@ -531,15 +472,26 @@ class ObjectMeasure:
 
 @dataclass
 class TileMeasure:
-    """Every object of a tile measured once, plus what the holistic text needs."""
+    """A tile's measurements (`TileMeasurements`, taken once by plan) in this vocabulary."""
 
     tile_id: str
-    width: int
-    height: int
-    image: np.ndarray = field(repr=False)
-    objects: dict[int, ObjectMeasure]
-    object_mask: np.ndarray = field(repr=False)
-    grid: int = 3
+    measurements: TileMeasurements = field(repr=False)
+    objects: dict[int, ObjectMeasure] = field(init=False)
+
+    def __post_init__(self):
+        grid = self.measurements.grid
+        self.width, self.height = self.measurements.width, self.measurements.height
+        self.objects = {}
+        for o in self.measurements.objects:
+            shape = Shape(cx=o.cx, cy=o.cy, long=o.long, short=o.short, angle=o.angle)
+            rgb = (o.rgb[0], o.rgb[1], o.rgb[2])
+            self.objects[o.object_id] = ObjectMeasure(
+                object_id=o.object_id, category=o.category, area=o.area, shape=shape, rgb=rgb,
+                colour=colour_name(rgb), cell=grid_cell(o.cx, o.cy, self.width, self.height, grid))
+
+    @property
+    def grid(self) -> int:
+        return self.measurements.grid
 
     def of_category(self, category: str) -> list[ObjectMeasure]:
         key = category_key(category)
@@ -552,38 +504,24 @@ class TileMeasure:
         return counts
 
     def cover(self) -> GroundCover:
-        return ground_cover(self.image, self.object_mask, self.grid)
+        return ground_cover(self.measurements)
+
+    def concentration(self) -> tuple[str, float] | None:
+        return concentration(self.measurements.object_pixels, self.grid)
 
 
 def measure_tile(tile: Tile, grid: int = 3) -> TileMeasure:
-    """Decode a tile and measure each object: colour, area, shape, cell."""
+    """Decode a tile and measure it (what plan stores in `TilePlan.measurements`)."""
     image = decode_png(tile.image_png)
     if image.shape[:2] != (tile.height, tile.width):
         raise ValueError(f"image is {image.shape[1]}x{image.shape[0]}, "
                          f"record says {tile.width}x{tile.height}")
-    union = np.zeros(image.shape[:2], dtype=bool)
-    objects: dict[int, ObjectMeasure] = {}
-    for obj in tile.objects:
-        if list(obj.mask.size) != list(image.shape[:2]):
-            raise ValueError(f"mask of object {obj.object_id} is "
-                             f"{obj.mask.size[1]}x{obj.mask.size[0]}, image is "
-                             f"{image.shape[1]}x{image.shape[0]}")
-        # measure on the object's box only: aerial tiles hold hundreds of small objects
-        crop, x0, y0 = masks.decode_crop(obj.mask)
-        if crop.size == 0:
-            continue
-        mask = crop.astype(bool)
-        box = (slice(y0, y0 + mask.shape[0]), slice(x0, x0 + mask.shape[1]))
-        union[box] |= mask
-        shape = mask_shape(mask)
-        shape = replace(shape, cx=shape.cx + x0, cy=shape.cy + y0)
-        rgb = median_colour(image[box], mask)
-        objects[obj.object_id] = ObjectMeasure(
-            object_id=obj.object_id, category=obj.category, area=int(mask.sum()), shape=shape,
-            rgb=rgb, colour=colour_name(rgb),
-            cell=grid_cell(shape.cx, shape.cy, tile.width, tile.height, grid))
-    return TileMeasure(tile_id=tile.tile_id, width=tile.width, height=tile.height, image=image,
-                       objects=objects, object_mask=union, grid=grid)
+    try:
+        instances = instance_masks(tile.tile_id, tile.height, tile.width, tile.objects)
+    except BadMaskError as exc:
+        raise ValueError(exc.message) from None
+    return TileMeasure(tile_id=tile.tile_id, measurements=measure.measure_tile(
+        image, instances, tile.image_sha256, grid))
 
 
 def describe_object(measure: TileMeasure, object_id: int, category: str) -> dict[str, object]:

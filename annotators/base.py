@@ -13,16 +13,19 @@ from dataclasses import dataclass, field
 from typing import Mapping, Protocol, Sequence, runtime_checkable
 
 from pipeline.params import BackendParams, CacheParams
-from schemas import Request, Response, Tile
+from schemas import Request, Response, Tile, TilePlan
 
 
 @dataclass(frozen=True)
 class AnnotationContext:
-    """What a backend may look at besides the request: the tiles (pixels and masks, for the
-    template backend) and every image a request names, by sha256 (PNG bytes)."""
+    """What a backend may look at besides the request: the tiles (pixels and masks), every
+    image a request names, by sha256 (PNG bytes), and the tiles' plans (with the measurements
+    the template backend states). A backend whose `needs_pixels` is False is handed no tiles
+    when every plan holds its measurements."""
 
     tiles: Mapping[str, Tile]
     images: Mapping[str, bytes] = field(default_factory=dict)
+    plans: Mapping[str, TilePlan] = field(default_factory=dict)
 
     def image(self, sha: str) -> bytes:
         if sha in self.images:
@@ -65,3 +68,12 @@ def get_backend(params: BackendParams, cache: CacheParams | None = None) -> Back
 
         return factory(params, cache=ResponseCache.from_params(cache))
     return factory(params)
+
+
+def local_scheduler_for(backend: Backend, local_scheduler: str) -> str:
+    """The local dask scheduler for shards a backend answers: threads for a backend that holds
+    a model in memory (`loads_model`: loaded once per process, so worker processes would each
+    load it), else `local_scheduler` (runner.local_scheduler)."""
+    if getattr(backend, "loads_model", False) and local_scheduler == "processes":
+        return "threads"
+    return local_scheduler

@@ -1,8 +1,9 @@
 """The offline template backend: short descriptions written from measured attributes.
 
 No model is involved: every colour, size, orientation, position, arrangement and count it states
-is measured on the tile's pixels and masks (`annotators.attributes`). It answers the three request
-kinds the way the paper's prompts ask (four short sentences; one sentence per marked object; one
+is measured on the tile's pixels and masks, once, by plan (`pipeline.measure`, stored in
+`TilePlan.measurements`; a tile handed over without its plan is measured here). It answers the
+three request kinds the way the paper's prompts ask (four short sentences; one sentence per marked object; one
 sentence per cluster), never mentions a mark number (it writes no digits at all) and never writes
 phrase tags. Wording varies between requests, chosen by a hash of (request id, seed): the same
 input always gives the same text, so a build with this backend is byte-reproducible.
@@ -38,6 +39,7 @@ class TemplateBackend:
     """Backend that writes descriptions from measured attributes, offline and deterministic."""
 
     name = "template"
+    needs_pixels = False  # it states what plan measured (TilePlan.measurements)
 
     def __init__(self, params: BackendParams):
         self.params = params
@@ -67,20 +69,7 @@ class TemplateBackend:
     def answer(self, request: Request, context: AnnotationContext,
                measured: dict[str, attr.TileMeasure]) -> str:
         """The text for one request; raises Unanswerable when its inputs are missing."""
-        tile = context.tiles.get(request.tile_id)
-        if tile is None:
-            raise Unanswerable(f"tile {request.tile_id} is not in the annotation context")
-        try:
-            context.image(request.image_sha256)
-        except KeyError:
-            raise Unanswerable(f"image {request.image_sha256} of request {request.request_id} "
-                               "is not in the annotation context") from None
-        if request.tile_id not in measured:
-            try:
-                measured[request.tile_id] = attr.measure_tile(tile)
-            except (ValueError, BadImageError) as exc:
-                raise Unanswerable(f"tile {request.tile_id}: {exc}") from None
-        measure = measured[request.tile_id]
+        measure = self.measure(request, context, measured)
         pick = _picker(request.request_id, self.params.seed)
         if request.kind == "holistic":
             return holistic_text(measure, pick)
@@ -95,6 +84,40 @@ class TemplateBackend:
         if request.kind == "instance":
             return instance_text(measure, ids[0], category, request.position, pick)
         return cluster_text(measure, ids, category, request.position, pick)
+
+    @staticmethod
+    def measure(request: Request, context: AnnotationContext,
+                measured: dict[str, attr.TileMeasure]) -> attr.TileMeasure:
+        """The request's tile measured (as plan stored it, or measured here from the tile),
+        once per tile; the image the request names must be that tile's or its marks image."""
+        plan = context.plans.get(request.tile_id)
+        stored = plan.measurements if plan is not None else None
+        if stored is not None:
+            if request.image_sha256 not in (stored.image_sha256, plan.som_sha256):
+                raise Unanswerable(f"image {request.image_sha256} of request "
+                                   f"{request.request_id} is neither the tile nor its marks "
+                                   "image that plan measured")
+        else:
+            try:
+                context.image(request.image_sha256)
+            except KeyError:
+                raise Unanswerable(f"image {request.image_sha256} of request "
+                                   f"{request.request_id} is not in the annotation context"
+                                   ) from None
+        if request.tile_id in measured:
+            return measured[request.tile_id]
+        if stored is not None:
+            found = attr.TileMeasure(tile_id=request.tile_id, measurements=stored)
+        else:
+            tile = context.tiles.get(request.tile_id)
+            if tile is None:
+                raise Unanswerable(f"tile {request.tile_id} is not in the annotation context")
+            try:
+                found = attr.measure_tile(tile)
+            except (ValueError, BadImageError) as exc:
+                raise Unanswerable(f"tile {request.tile_id}: {exc}") from None
+        measured[request.tile_id] = found
+        return found
 
 
 Picker = Callable[[str, int], int]
@@ -227,7 +250,7 @@ def holistic_text(measure: attr.TileMeasure, pick: Picker) -> str:
         f"the scene is an aerial view of {dom} with {inventory}",
     ][pick("overview", 3)]
     ground = _ground_sentence(cover, pick)
-    where = attr.concentration(measure.object_mask, measure.grid)
+    where = measure.concentration()
     cell, cell_share = where if where else ("center", 0.0)
     if len(measure.objects) == 1:
         only = next(iter(measure.objects.values()))

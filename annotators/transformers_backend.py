@@ -487,6 +487,7 @@ class TransformersBackend:
     """Answers requests with a local multimodal model, prefix-shared and batched."""
 
     name = NAME
+    loads_model = True  # one model per process: stages run its shards in threads
 
     def __init__(self, params: BackendParams, cache: Optional[ResponseCache] = None, *,
                  loaded: Optional[LoadedModel] = None):

@@ -3,23 +3,30 @@
 Scenes are made from the bundled real samples (flipped / rotated variants of P0003, P0004, P0005
 with their id and colour masks). In one run, side by side, each in a fresh subprocess:
 - floor: decode every source PNG (image, id mask, colour mask) and encode every tile PNG, nothing
-  else, with the same dask runner and worker count as the pipeline;
+  else, with the same dask runner and worker count as the pipeline (threads: its work is all in
+  OpenCV, which releases the GIL, so threads are its fastest local scheduler);
 - pipeline: prepare + plan (`--stages plan`), or the whole template pipeline prepare -> export
   (`--stages all`, the default);
-- the pipeline again on twice the scenes, for peak memory (max RSS of the subprocess).
+- the pipeline again on twice the scenes, for peak memory (resident memory of the subprocess and
+  its worker processes together, sampled every 50 ms).
+The pipeline runs with params.yaml's runner defaults (local scheduler `processes`) unless
+`--scheduler` says otherwise.
 Prints tiles/s, the pipeline/floor time ratio (target <= 3) and peak memory N vs 2N (target:
 flat). Usage: python bench/prepare_plan.py [--scenes 100] [--stages all|plan] [--workers 2]
+       [--scheduler processes|threads]
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import os
 import resource
 import shutil
 import subprocess
 import sys
 import tempfile
+import threading
 import time
 from pathlib import Path
 
@@ -61,6 +68,52 @@ def link_subset(src: Path, dst: Path, count: int) -> None:
 
 # ---- children (each runs in a fresh process so its peak RSS is its own) ----------------------
 
+def _tree_rss_bytes(root: int) -> int:
+    """Resident memory of a process and all its descendants (Linux /proc)."""
+    children: dict[int, list[int]] = {}
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        try:
+            text = stat.read_text()
+        except OSError:
+            continue
+        pid, ppid = int(stat.parent.name), int(text.rsplit(")", 1)[1].split()[1])
+        children.setdefault(ppid, []).append(pid)
+    total, todo, page = 0, [root], os.sysconf("SC_PAGE_SIZE")
+    while todo:
+        pid = todo.pop()
+        todo.extend(children.get(pid, []))
+        try:
+            total += int((Path("/proc") / str(pid) / "statm").read_text().split()[1]) * page
+        except (OSError, IndexError, ValueError):
+            pass
+    return total
+
+
+class PeakMemory:
+    """Peak resident memory of this process with its worker processes, sampled every 50 ms
+    (the pipeline's local scheduler runs shards in worker processes, whose memory
+    `ru_maxrss` of this process would not count)."""
+
+    def __init__(self, interval_s: float = 0.05):
+        self.interval_s, self.peak = interval_s, 0
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, daemon=True)
+
+    def _run(self):
+        while not self._stop.is_set():
+            self.peak = max(self.peak, _tree_rss_bytes(os.getpid()))
+            self._stop.wait(self.interval_s)
+
+    def __enter__(self):
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc):
+        self._stop.set()
+        self._thread.join()
+        self.peak = max(self.peak, _tree_rss_bytes(os.getpid()))
+
+
 def _floor_task(scene, tile_size: int, stride: int, compression: int) -> int:
     from pipeline.imaging import encode_png, read_image
 
@@ -96,11 +149,14 @@ def child_floor(root: Path, workers: int) -> dict:
     return {"seconds": time.perf_counter() - t0, "tiles": tiles}
 
 
-def child_pipeline(root: Path, out: Path, workers: int, stages: str) -> dict:
+def child_pipeline(root: Path, out: Path, workers: int, stages: str,
+                   scheduler: str | None) -> dict:
     from pipeline.params import DataParams, Params, RunnerParams
 
-    p = Params(data=DataParams(root=str(root), splits=["train"]),
-               runner=RunnerParams(workers=workers))
+    runner = RunnerParams(workers=workers)
+    if scheduler:
+        runner = runner.model_copy(update={"local_scheduler": scheduler})
+    p = Params(data=DataParams(root=str(root), splits=["train"]), runner=runner)
     from pipeline.plan import run_plan
     from pipeline.prepare import run_prepare
 
@@ -140,17 +196,22 @@ def main() -> None:
     ap.add_argument("--scenes", type=int, default=100)
     ap.add_argument("--workers", type=int, default=2)
     ap.add_argument("--stages", choices=["plan", "all"], default="all")
+    ap.add_argument("--scheduler", choices=["processes", "threads"],
+                    help="the pipeline's local scheduler (default: params.yaml's runner)")
     ap.add_argument("--child", choices=["floor", "pipeline"])
     ap.add_argument("--root", type=Path)
     ap.add_argument("--out", type=Path)
     args = ap.parse_args()
 
     if args.child:
-        if args.child == "floor":
-            result = child_floor(args.root, args.workers)
-        else:
-            result = child_pipeline(args.root, args.out, args.workers, args.stages)
-        result["max_rss_mib"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+        with PeakMemory() as memory:
+            if args.child == "floor":
+                result = child_floor(args.root, args.workers)
+            else:
+                result = child_pipeline(args.root, args.out, args.workers, args.stages,
+                                        args.scheduler)
+        result["max_rss_mib"] = max(memory.peak / 2 ** 20,
+                                    resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024)
         print(json.dumps(result))
         return
 
@@ -161,7 +222,8 @@ def main() -> None:
         link_subset(work / "all", work / "n", args.scenes)
         print(f"made {2 * args.scenes} synthetic scenes in {time.perf_counter() - t0:.1f}s",
               file=sys.stderr)
-        common = ["--workers", str(args.workers), "--stages", args.stages]
+        common = ["--workers", str(args.workers), "--stages", args.stages,
+                  *(["--scheduler", args.scheduler] if args.scheduler else [])]
         floor = run_child(["--child", "floor", "--root", str(work / "n"), *common])
         pipe = run_child(["--child", "pipeline", "--root", str(work / "n"), "--out",
                           str(work / "out-n"), *common])
@@ -173,7 +235,8 @@ def main() -> None:
     ratio = pipe["seconds"] / floor["seconds"]
     mem_ratio = pipe2["max_rss_mib"] / pipe["max_rss_mib"]
     label = "prepare+plan" if args.stages == "plan" else "prepare->export (template)"
-    print(f"scenes={args.scenes} workers={args.workers} stages={label}")
+    print(f"scenes={args.scenes} workers={args.workers} stages={label} "
+          f"scheduler={args.scheduler or 'params default'}")
     print(f"{'run':<28}{'tiles':>7}{'seconds':>10}{'tiles/s':>10}{'peak MiB':>10}")
     for name, r in [("floor: decode+encode", floor), (f"pipeline N={args.scenes}", pipe),
                     (f"pipeline 2N={2 * args.scenes}", pipe2)]:

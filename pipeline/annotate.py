@@ -1,8 +1,8 @@
 """Stage annotate: answer one pass's requests (holistic, instance or cluster), shard by shard.
 
-For each request shard `plan/requests/<kind>/<name>` it reads the tiles shard of the same name
-(and, for instance requests, the plan shard with the set-of-marks images), hands the whole shard
-to the backend chosen in `annotate.backend` in one `annotate` call, and writes the responses, in
+For each request shard `plan/requests/<kind>/<name>` it reads the plan shard of the same name
+(set-of-marks images, and the measurements the template backend states) and the tiles shard (not
+for a backend whose `needs_pixels` is False when every plan holds measurements), hands the whole shard to the backend chosen in `annotate.backend` in one `annotate` call, and writes the responses, in
 request order, to `<out>/<name>`. Backend set-up happens once per shard task, so a backend with a
 client, a response cache or retries slots in without changing the stage.
 
@@ -18,7 +18,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Sequence
 
-from annotators.base import REGISTRY, AnnotationContext, Backend, get_backend
+from annotators.base import (REGISTRY, AnnotationContext, Backend, get_backend,
+                             local_scheduler_for)
 from pipeline.errors import BadParamsError, EmptyInputError
 from pipeline.params import BackendParams, CacheParams, Params
 from pipeline.runner import map_shards
@@ -38,7 +39,7 @@ class ShardJob:
     kind: str
     requests: Path
     tiles: Path
-    plan: Path | None
+    plan: Path
     out: Path
     backend: BackendParams
     cache: CacheParams
@@ -48,27 +49,30 @@ def annotate_shard(job: ShardJob) -> dict:
     """Answer one request shard and write its responses; returns the shard's counts."""
     requests = read_records(job.requests, Request)
     wanted = {r.tile_id for r in requests}
-    shard_tiles = read_records(job.tiles, Tile)
-    tiles = {t.tile_id: t for t in shard_tiles if t.tile_id in wanted}
+    backend = get_backend(job.backend, cache=job.cache)
+    one_by_one = any(r.kind == "instance_batch" for r in requests) and \
+        not getattr(backend, "answers_instance_batch", False)
     images: dict[str, bytes] = {}
     plans: dict[str, TilePlan] = {}
-    if job.plan is not None:
-        for plan in read_records(job.plan, TilePlan):
-            if plan.tile_id in wanted:
-                plans[plan.tile_id] = plan
-                if plan.som_sha256 and plan.som_png is not None:
-                    images[plan.som_sha256] = plan.som_png
-    backend = get_backend(job.backend, cache=job.cache)
-    context = AnnotationContext(tiles=tiles, images=images)
-    if any(r.kind == "instance_batch" for r in requests) and \
-            not getattr(backend, "answers_instance_batch", False):
+    shard_plans = read_records(job.plan, TilePlan)  # one per tile of the shard
+    for plan in shard_plans:
+        if plan.tile_id in wanted:
+            plans[plan.tile_id] = plan
+            if plan.som_sha256 and plan.som_png is not None:
+                images[plan.som_sha256] = plan.som_png
+    measured = all(p.measurements is not None for p in plans.values())
+    tiles: dict[str, Tile] = {}
+    if getattr(backend, "needs_pixels", True) or one_by_one or not measured:
+        tiles = {t.tile_id: t for t in read_records(job.tiles, Tile) if t.tile_id in wanted}
+    context = AnnotationContext(tiles=tiles, images=images, plans=plans)
+    if one_by_one:
         answered = answer_marks_one_by_one(backend, requests, tiles, plans, context)
     else:
         answered = backend.annotate(requests, context)
     responses = in_request_order(requests, answered, backend.name, backend.model)
     write_records(job.out, responses, Response)
     report = shard_report(job.name, responses)
-    report["tiles"] = len(shard_tiles)
+    report["tiles"] = len(shard_plans)
     stats = getattr(backend, "stats", None)
     if stats is not None:
         report["backend_stats"] = stats.as_dict()
@@ -227,16 +231,15 @@ def run_annotate(params: Params, kind: str, tiles_dir: Path, plan_dir: Path, out
     if backend.name not in REGISTRY:
         raise BadParamsError(f"annotate.backend.name: backend {backend.name!r} is not available "
                              f"here; available: {sorted(REGISTRY)}", "params.yaml")
-    get_backend(backend)  # set-up mistakes (a missing API key, ...) stop here, before any work
+    # set-up mistakes (a missing API key, ...) stop here, before any work
+    local = local_scheduler_for(get_backend(backend), params.runner.local_scheduler)
     tiles_dir, plan_dir, out_dir = Path(tiles_dir), Path(plan_dir), Path(out_dir)
     requests_dir = plan_dir / "requests" / kind
     if not requests_dir.is_dir():
         raise EmptyInputError(f"no {kind} request folder (run the plan stage first)", requests_dir)
     shards = list_shards(requests_dir)
     for shard in shards:
-        needed = [tiles_dir / shard.name] + ([plan_dir / "tiles" / shard.name]
-                                             if kind == "instance" else [])
-        for path in needed:
+        for path in (tiles_dir / shard.name, plan_dir / "tiles" / shard.name):
             if not path.is_file():
                 raise EmptyInputError(f"missing shard for request shard {shard.name} (tiles and "
                                       "plan are out of step; re-run prepare and plan)", path)
@@ -246,11 +249,11 @@ def run_annotate(params: Params, kind: str, tiles_dir: Path, plan_dir: Path, out
         update={"path": str(Path(params.annotate.cache.path).resolve())})
     with staged_folder(out_dir) as staging:
         jobs = [ShardJob(name=s.name, kind=kind, requests=s, tiles=tiles_dir / s.name,
-                         plan=plan_dir / "tiles" / s.name if kind == "instance" else None,
+                         plan=plan_dir / "tiles" / s.name,
                          out=staging / s.name, backend=backend, cache=cache) for s in shards]
         reports = map_shards(annotate_shard, jobs, label=f"annotate {kind}",
                              scheduler=scheduler or runner.scheduler,
-                             local_scheduler=runner.local_scheduler, workers=runner.workers)
+                             local_scheduler=local, workers=runner.workers)
         report = stage_report(kind, backend, reports)
         write_json(staging / "report.json", report)
     return report

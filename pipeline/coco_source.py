@@ -65,7 +65,7 @@ def _is_number(value: object) -> bool:
 def rle_string_counts(text: str) -> list[int] | None:
     """Run lengths of a compressed COCO RLE string, or None if it is malformed."""
     try:
-        return masks.run_lengths(text)
+        return masks.run_lengths(text).tolist()
     except ValueError:
         return None
 

@@ -615,8 +615,10 @@ def compose_shard(name: str, params: Params, tiles_dir: Path, plan_dir: Path,
     With `compose.composer: llm` the LLM rewrites each record this composer made (the
     response cache `llm_cache`, default annotate.cache), keeping it wherever the LLM fails."""
     paths = _inputs(name, tiles_dir, plan_dir, responses_dir)
-    tiles = read_records(paths["tiles"], Tile)
-    plans = {p.tile_id: p for p in read_records(paths["plan"], TilePlan)}
+    # the tile's image is read only when the LLM composer is to see it
+    with_image = params.compose.composer == "llm" and params.compose.llm_with_image
+    tiles = read_records(paths["tiles"], Tile, skip_bytes=() if with_image else ("image_png",))
+    plans = {p.tile_id: p for p in read_records(paths["plan"], TilePlan, skip_bytes=("som_png",))}
     requests: dict[str, list[Request]] = {}
     responses: dict[str, list[Response]] = {}
     for kind in KINDS:
@@ -687,12 +689,13 @@ def run_compose(params: Params, tiles_dir: Path, plan_dir: Path, responses_dir: 
                 raise EmptyInputError(f"missing {what} shard for tile shard {name} "
                                       f"(run the earlier stages first)", path)
 
-    llm_cache = None
+    llm_cache, local = None, params.runner.local_scheduler
     if params.compose.composer == "llm":
-        from annotators.base import get_backend
+        from annotators.base import get_backend, local_scheduler_for
         from annotators.llm_composer import composer_backend
 
-        get_backend(composer_backend(params))  # set-up mistakes stop here, before any work
+        # set-up mistakes stop here, before any work
+        local = local_scheduler_for(get_backend(composer_backend(params)), local)
         # workers may run elsewhere: the cache path must not depend on their working folder
         llm_cache = params.annotate.cache.model_copy(
             update={"path": str(Path(params.annotate.cache.path).resolve())})
@@ -702,8 +705,7 @@ def run_compose(params: Params, tiles_dir: Path, plan_dir: Path, responses_dir: 
         task = partial(compose_shard, params=params, tiles_dir=tiles_dir, plan_dir=plan_dir,
                        responses_dir=responses_dir, staging=staging, llm_cache=llm_cache)
         counts = map_shards(task, names, label=STAGE, scheduler=scheduler,
-                            local_scheduler=params.runner.local_scheduler,
-                            workers=params.runner.workers)
+                            local_scheduler=local, workers=params.runner.workers)
         report = _report(counts)
         report["composer"] = params.compose.composer
         if params.compose.composer == "llm":

@@ -47,7 +47,7 @@ from pipeline.geopixel_format import (SEG, check_record, layout_folder,
 from pipeline.params import ExportParams, Params
 from pipeline.runner import map_shards
 from pipeline.shards import (SHARD_RE, atomic_path, from_table, list_shards, read_records,
-                             safe_name, shard_name, staged_folder, write_json)
+                             safe_name, shard_name, staged_folder, write_json, write_table)
 from schemas import RLE, SCHEMA_VERSION, GroundedRecord, Provenance, Tile, arrow_schema
 
 # ---------------------------------------------------------------------------------------------
@@ -212,10 +212,8 @@ def write_parquet_shard(shard: ParquetShard, export: ExportParams) -> int:
     """Write one output Parquet shard from slices of input shards; rows written."""
     rows = [export_row(r, t) for s in shard.slices
             for r, t in _read_pairs(s.records, s.tiles, s.start, s.stop)]
-    table = pa.Table.from_pylist(rows, schema=EXPORT_SCHEMA)
-    with atomic_path(shard.path) as tmp:
-        pq.write_table(table, tmp, compression="zstd", row_group_size=export.row_group_size,
-                       write_statistics=True)
+    write_table(shard.path, pa.Table.from_pylist(rows, schema=EXPORT_SCHEMA),
+                export.row_group_size)
     return len(rows)
 
 

@@ -15,7 +15,7 @@ The layout (what the GeoPixel repository's loader reads, relative to its working
 three decimals, or four ending in 5 (half a sample) where float rounding would lose one.
 
 `polygons[i]` holds the polygons of the i-th [SEG]: the outer contours of its mask
-(`pipeline.masks.to_polygons`), integer [x, y] points. The loader fills each polygon with
+(`pipeline.masks.contours`), integer [x, y] points. The loader fills each polygon with
 `cv2.fillPoly` and ORs them, so holes in a mask are lost (a ring comes back filled); contours of
 one or two points are kept, since fillPoly draws them as a pixel or a line.
 
@@ -59,8 +59,6 @@ RELEASE_BACKEND = "geopixeld-release"
 RELEASE_SOURCE = "geopixeld"
 HUMAN_ROLES = {"human", "user"}
 
-GeoPixelPolygons = list[list[list[int]]]
-
 
 # ---------------------------------------------------------------------------------------------
 # Writing
@@ -85,9 +83,12 @@ def samples_in_thousands(count: int) -> str:
     return text
 
 
-def phrase_polygons(phrase: Phrase) -> GeoPixelPolygons:
-    """The polygons GeoPixel stores for one [SEG]: outer contours of the phrase's mask."""
-    return masks.to_polygons(masks.decode(phrase.mask))
+def sample_json(sample_id: int, image: str, record: GroundedRecord) -> str:
+    """A per-tile polygon file's text, as the release writes it (`json.dumps` of id, img,
+    gcg_description, polygons), the polygons written straight from the contour arrays."""
+    head = json.dumps({"id": sample_id, "img": image, "gcg_description": record.caption})
+    polygons = masks.polygons_json([masks.rle_contours(p.mask) for p in record.phrases])
+    return f'{head[:-1]}, "polygons": {polygons}}}'
 
 
 def _prefix(export: ExportParams) -> str:
@@ -150,8 +151,8 @@ def write_geopixel_samples(pairs: Iterable[tuple[GroundedRecord, Tile]], out_dir
         next_id[folder] += 1
         with atomic_path(png_path) as tmp:
             tmp.write_bytes(tile.image_png)
-        _dump(json_path, {"id": sample_id, "img": image, "gcg_description": record.caption,
-                          "polygons": [phrase_polygons(p) for p in record.phrases]})
+        with atomic_path(json_path) as tmp:
+            tmp.write_text(sample_json(sample_id, image, record), encoding="ascii")
         items[folder].append({
             "id": sample_id,
             "conversations": [{"from": "human", "value": export.geopixel_question},

@@ -36,7 +36,7 @@ from pipeline import masks
 from pipeline.errors import BadParamsError
 from pipeline.label_sources import reproject, same_crs
 from pipeline.params import Params
-from pipeline.shards import atomic_path, list_shards, safe_name, staged_folder, write_json
+from pipeline.shards import list_shards, safe_name, staged_folder, write_json, write_table
 from schemas import RLE
 
 GEO_VERSION = "1.0.0"
@@ -249,10 +249,7 @@ def run_georef(params: Params, tiles_dir: Path, export_dir: Path) -> dict:
                             if b is not None else None)
                     table = _with_geometry(table, wkb, shard_crs, bbox)
                     report["parquet_shards"] += 1
-                with atomic_path(pq_dir / path.name) as tmp:
-                    pq.write_table(table, tmp, compression="zstd",
-                                   row_group_size=params.export.row_group_size,
-                                   write_statistics=True)
+                write_table(pq_dir / path.name, table, params.export.row_group_size)
         except BaseException:
             writer.abort()
             raise

@@ -6,6 +6,7 @@ from typing import Sequence
 
 import cv2
 import numpy as np
+import orjson
 from pycocotools import mask as mask_utils
 
 from schemas import RLE
@@ -27,32 +28,41 @@ def decode(rle: RLE) -> np.ndarray:
     return mask_utils.decode(to_coco(rle))
 
 
-def run_lengths(counts: str) -> list[int]:
-    """Uncompress a COCO RLE counts string into alternating 0/1 run lengths (as pycocotools'
-    rleFrString: 5 bits a character, continuation bit 0x20, sign bit 0x10, deltas from the
-    run two places back). Raises ValueError on a malformed string, which pycocotools would
-    silently decode into garbage."""
-    runs: list[int] = []
-    pos, end = 0, len(counts)
-    while pos < end:
-        value, shift, more = 0, 0, True
-        while more:
-            if pos >= end:
-                raise ValueError("RLE counts string ends inside a number")
-            c = ord(counts[pos]) - 48
-            if not 0 <= c < 64:
-                raise ValueError(f"character {counts[pos]!r} is not in the RLE alphabet")
-            value |= (c & 0x1F) << shift
-            more = bool(c & 0x20)
-            pos += 1
-            shift += 5
-            if not more and c & 0x10:
-                value |= -1 << shift
-        if len(runs) > 2:
-            value += runs[-2]
-        if value < 0:
-            raise ValueError("negative run length")
-        runs.append(value)
+def run_lengths(counts: str) -> np.ndarray:
+    """Uncompress a COCO RLE counts string into alternating 0/1 run lengths (int64), as
+    pycocotools' rleFrString does (5 bits a character, continuation bit 0x20, sign bit 0x10 on a
+    number's last character, deltas from the run two places back), without a loop over
+    characters. Raises ValueError on a malformed string, which pycocotools would silently
+    decode into garbage."""
+    if not counts.isascii():
+        bad = next(c for c in counts if not c.isascii())
+        raise ValueError(f"character {bad!r} is not in the RLE alphabet")
+    raw = np.frombuffer(counts.encode("ascii"), dtype=np.uint8)
+    if raw.size == 0:
+        return np.zeros(0, np.int64)
+    chars = raw.astype(np.int64) - 48
+    bad = np.flatnonzero((chars < 0) | (chars >= 64))
+    if bad.size:
+        raise ValueError(f"character {counts[int(bad[0])]!r} is not in the RLE alphabet")
+    last = (chars & 0x20) == 0  # a number's last character has no continuation bit
+    if not last[-1]:
+        raise ValueError("RLE counts string ends inside a number")
+    ends = np.flatnonzero(last)
+    starts = np.concatenate(([0], ends[:-1] + 1))
+    number = np.repeat(np.arange(ends.size), ends - starts + 1)
+    position = np.arange(chars.size) - starts[number]  # character index within its number
+    if position.max() > 11:  # 12 characters carry 60 bits: no run is longer
+        raise ValueError("RLE counts string holds a number too long for a run length")
+    values = np.zeros(ends.size, np.int64)
+    np.add.at(values, number, (chars & 0x1F) << (5 * position))
+    negative = (chars[ends] & 0x10) != 0
+    values[negative] -= np.left_shift(1, 5 * (position[ends][negative] + 1))
+    # runs[i] = values[i] + runs[i - 2] for i > 2: running sums of each parity from index 1 / 2
+    runs = values.copy()
+    runs[1::2] = np.cumsum(values[1::2])
+    runs[2::2] = np.cumsum(values[2::2])
+    if (runs < 0).any():
+        raise ValueError("negative run length")
     return runs
 
 
@@ -60,7 +70,7 @@ def decode_crop(rle: RLE) -> tuple[np.ndarray, int, int]:
     """Decode only the mask's bounding box: (crop, x0, y0), crop uint8 0/1. Much cheaper than
     `decode` for the small objects aerial tiles are full of; an empty mask gives a 0x0 crop."""
     height = rle.size[0]
-    runs = np.asarray(run_lengths(rle.counts), dtype=np.int64)
+    runs = run_lengths(rle.counts)
     ends = np.cumsum(runs)
     starts = ends - runs
     ones_start, ones_len = starts[1::2], runs[1::2]
@@ -100,11 +110,34 @@ def iou(a: RLE, b: RLE) -> float:
     return float(mask_utils.iou([to_coco(a)], [to_coco(b)], [0])[0][0])
 
 
-def to_polygons(mask: np.ndarray) -> list[list[list[int]]]:
-    """Outer contours of a binary mask as GeoPixel polygons: [[[x, y], ...], ...]."""
-    contours, _ = cv2.findContours(mask.astype(np.uint8), cv2.RETR_EXTERNAL,
-                                   cv2.CHAIN_APPROX_NONE)
-    return [c.reshape(-1, 2).tolist() for c in contours if len(c) >= 1]
+def contours(mask: np.ndarray, x0: int = 0, y0: int = 0) -> list[np.ndarray]:
+    """Outer contours of a binary mask, every boundary pixel, as N x 2 int32 [x, y] arrays;
+    (x0, y0) is added to each point (the mask's offset in a larger frame)."""
+    # padded so that pixels on the mask's edge are traced as they would be inside a larger frame
+    padded = cv2.copyMakeBorder(mask.astype(np.uint8, copy=False), 1, 1, 1, 1,
+                                cv2.BORDER_CONSTANT, value=0)
+    found, _ = cv2.findContours(padded, cv2.RETR_EXTERNAL, cv2.CHAIN_APPROX_NONE,
+                                offset=(x0 - 1, y0 - 1))
+    return [c.reshape(-1, 2) for c in found if len(c) >= 1]
+
+
+def to_polygons(mask: np.ndarray, x0: int = 0, y0: int = 0) -> list[list[list[int]]]:
+    """Outer contours of a binary mask as GeoPixel polygons: [[[x, y], ...], ...], every
+    boundary pixel (as the release); (x0, y0) is added to each point."""
+    return [c.tolist() for c in contours(mask, x0, y0)]
+
+
+def rle_contours(rle: RLE) -> list[np.ndarray]:
+    """`contours` of an RLE mask, traced on its box only."""
+    crop, x0, y0 = decode_crop(rle)
+    return contours(crop, x0, y0) if crop.size else []
+
+
+def polygons_json(polygons: Sequence[Sequence[np.ndarray]]) -> str:
+    """JSON text of per-phrase polygon lists, exactly as `json.dumps` writes the nested lists
+    (", " between items), straight from the point arrays."""
+    compact = orjson.dumps([list(p) for p in polygons], option=orjson.OPT_SERIALIZE_NUMPY)
+    return compact.replace(b",", b", ").decode("ascii")  # numbers only: every comma separates
 
 
 def from_polygons(polygons: Sequence[Sequence[Sequence[int]]], height: int,

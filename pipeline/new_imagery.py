@@ -47,7 +47,7 @@ from pipeline.label_sources import (LabelIndex, SceneLabel, check_label_folder, 
                                     parse_dota, read_coco_labels, read_geojson)
 from pipeline.params import Params, parse_params
 from pipeline.runner import map_shards
-from pipeline.shards import atomic_path, shard_name, staged_folder, write_json, write_records
+from pipeline.shards import shard_name, staged_folder, write_json, write_records, write_table
 from schemas import ObjectInstance, Tile, Window, arrow_schema
 
 MASK_KINDS = ("sam", "dota", "coco", "geojson")
@@ -310,10 +310,8 @@ def _pack(parts_dir: Path, names: list[tuple[str, int]], staging: Path, split: s
         if len(group) == 1:
             os.replace(parts_dir / group[0], target)
             continue
-        table = pa.concat_tables([pq.read_table(parts_dir / n, schema=schema) for n in group])
-
-        with atomic_path(target) as tmp:
-            pq.write_table(table, tmp, compression="zstd", write_statistics=True)
+        write_table(target, pa.concat_tables([pq.read_table(parts_dir / n, schema=schema)
+                                              for n in group]))
         for n in group:
             (parts_dir / n).unlink()
     return len(groups)

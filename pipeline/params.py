@@ -440,7 +440,9 @@ class EvaluateParams(Section):
 
 class RunnerParams(Section):
     scheduler: Optional[str] = Field(None, description="dask.distributed address; None = local")
-    local_scheduler: Literal["threads", "processes", "synchronous"] = "threads"
+    local_scheduler: Literal["threads", "processes", "synchronous"] = Field(
+        "processes", description="local dask scheduler without a `scheduler` address: "
+        "processes (default; pure-Python shard work runs side by side), threads, synchronous")
     workers: int = Field(2, ge=1, le=256)
 
 

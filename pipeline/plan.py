@@ -2,7 +2,8 @@
 
 For each tile: the 3x3 position of every instance (positional prior), clusters of many small
 same-category instances per refined grid region, numbered marks on the instances described one
-by one, and one `Request` per LMM call (holistic, instance, cluster) carrying the rendered
+by one, the tile's measurements (`pipeline.measure`: what the template backend states), and one
+`Request` per LMM call (holistic, instance, cluster) carrying the rendered
 prompt, its version and the hash of the image the model will see.
 """
 
@@ -18,6 +19,7 @@ import prompts
 from pipeline.categories import UNKNOWN_CATEGORY
 from pipeline.errors import BadAnnotationError, EmptyInputError, GeoPixelDError
 from pipeline.imaging import decode_png, sha256
+from pipeline.measure import measure_tile
 from pipeline.params import Params, PlanParams
 from pipeline.priors import (InstanceMask, category_prior, check_plan_params, instance_masks,
                              mark_order, position, split_instances)
@@ -59,13 +61,19 @@ def _plan(tile: Tile, params: PlanParams) -> tuple[TilePlan, list[Request], list
         dup = sorted(i for i, n in Counter(ids).items() if n > 1)
         raise BadAnnotationError(f"tile {tile.tile_id}: object ids repeated: {dup[:5]}")
     version = params.prompt_version
+    image = decode_png(tile.image_png)
+    if image.shape[:2] != (tile.height, tile.width):
+        raise BadAnnotationError(
+            f"tile {tile.tile_id}: image is {image.shape[0]}x{image.shape[1]}, the record "
+            f"says {tile.height}x{tile.width}")
     instances = instance_masks(tile.tile_id, tile.height, tile.width, tile.objects)
+    measurements = measure_tile(image, instances, tile.image_sha256, params.grid)
     positions = [position(*i.centroid, tile.width, tile.height, params.grid) for i in instances]
     requests = [_request(tile.tile_id, "holistic", version, prompts.render("holistic", version),
                          tile.image_sha256, [])]
     if not instances:
         plan = TilePlan(tile_id=tile.tile_id, split=tile.split, positions=[], marks=[],
-                        clusters=[], unplanned_object_ids=[])
+                        clusters=[], unplanned_object_ids=[], measurements=measurements)
         return plan, requests, []
 
     split = split_instances(instances, tile.width, tile.height, params)
@@ -78,17 +86,13 @@ def _plan(tile: Tile, params: PlanParams) -> tuple[TilePlan, list[Request], list
 
     som_png = som_sha = None
     if placement.marks:
-        image = decode_png(tile.image_png)
-        if image.shape[:2] != (tile.height, tile.width):
-            raise BadAnnotationError(
-                f"tile {tile.tile_id}: image is {image.shape[0]}x{image.shape[1]}, the record "
-                f"says {tile.height}x{tile.width}")
         som_png = render_set_of_marks(image, placement.marks, params.marks)
         som_sha = sha256(som_png)
 
     plan = TilePlan(tile_id=tile.tile_id, split=tile.split, positions=positions,
                     marks=placement.marks, clusters=split.clusters,
-                    unplanned_object_ids=unplanned, som_png=som_png, som_sha256=som_sha)
+                    unplanned_object_ids=unplanned, som_png=som_png, som_sha256=som_sha,
+                    measurements=measurements)
     if params.batched_marks:
         requests.extend(marks_batch_requests(tile, plan, version))
     else:

@@ -2,15 +2,24 @@
 
 Tasks read their inputs and write their outputs themselves (I/O stays on the worker); what they
 return is a small report. `scheduler` (or DASK_SCHEDULER_ADDRESS) names a dask.distributed
-scheduler; without one the local threaded scheduler runs the tasks.
+scheduler; without one dask's local scheduler runs the tasks: `processes` (the default: shard
+work is partly pure Python, which threads would serialise on the GIL), `threads` (for a task that
+must share the process, e.g. a model loaded in memory) or `synchronous` (debugging).
+
+Local worker processes are started by a fork server: forked from a fresh single-threaded
+process, not from the caller (which may hold threads, e.g. OpenCV's or Arrow's pools, that a
+plain fork would copy mid-lock); modules the tasks need are loaded once into that server.
 """
 
 from __future__ import annotations
 
+import contextlib
 import functools
+import multiprocessing
 import os
-import uuid
 import sys
+import uuid
+from concurrent.futures import ProcessPoolExecutor
 from typing import Callable, Sequence, TypeVar
 
 import dask
@@ -82,14 +91,36 @@ def map_shards(task: Callable[[T], R], items: Sequence[T], *, label: str,
                for i, it in enumerate(items)]
     kwargs = {"scheduler": local_scheduler}
     if local_scheduler != "synchronous":
-        kwargs["num_workers"] = workers
-    if not show_progress():
+        # one shard per hand-out: shard tasks are coarse, and dask's process pool would
+        # otherwise hand a few shards to one worker in a single batch
+        kwargs.update(num_workers=workers, chunksize=1)
+    if local_scheduler == "processes" and (workers == 1 or len(items) == 1):
+        kwargs = {"scheduler": "synchronous"}  # nothing to run side by side
+    with contextlib.ExitStack() as stack:
+        if kwargs["scheduler"] == "processes":
+            kwargs["pool"] = stack.enter_context(ProcessPoolExecutor(
+                min(workers, len(items)), mp_context=_forkserver()))
+        if show_progress():
+            from rich.progress import Progress
+            progress = stack.enter_context(Progress(transient=True))
+            stack.enter_context(_RichCallback(progress, progress.add_task(label,
+                                                                          total=len(items))))
         return _unwrap(list(dask.compute(*delayed, **kwargs)))
-    from rich.progress import Progress
-    with Progress(transient=True) as progress:
-        tid = progress.add_task(label, total=len(items))
-        with _RichCallback(progress, tid):
-            return _unwrap(list(dask.compute(*delayed, **kwargs)))
+
+
+# loaded once into the fork server, so that each worker starts with them
+PRELOAD = ["numpy", "cv2", "pyarrow.parquet", "pydantic", "schemas", "pipeline.masks",
+           "pipeline.shards"]
+
+
+@functools.lru_cache(maxsize=1)
+def _forkserver():
+    """The start method of local worker processes: a fork server (spawn where there is none)."""
+    if "forkserver" not in multiprocessing.get_all_start_methods():
+        return multiprocessing.get_context("spawn")
+    context = multiprocessing.get_context("forkserver")
+    context.set_forkserver_preload(PRELOAD)
+    return context
 
 
 def _map_distributed(task, items, address, label):

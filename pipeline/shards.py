@@ -70,19 +70,39 @@ def from_table(table: pa.Table, model: type[M]) -> list[M]:
     return [model.model_validate(row) for row in table.to_pylist()]
 
 
-def write_records(path: Path, records: Sequence[BaseModel], model: type[BaseModel],
-                  row_group_size: int | None = None) -> Path:
-    """Write `records` as one Parquet file, atomically."""
-    table = to_table(records, model)
+def compression(schema: pa.Schema) -> dict[str, str]:
+    """Parquet codec per column: zstd, except binary columns (PNG bytes do not compress; zstd
+    would only spend time on them)."""
+    return {f.name: "none" if pa.types.is_binary(f.type) else "zstd" for f in schema}
+
+
+def write_table(path: Path, table: pa.Table, row_group_size: int | None = None) -> Path:
+    """Write one Parquet file atomically (codecs by `compression`)."""
     with atomic_path(path) as tmp:
-        pq.write_table(table, tmp, compression="zstd", row_group_size=row_group_size,
-                       write_statistics=True)
+        pq.write_table(table, tmp, compression=compression(table.schema),
+                       row_group_size=row_group_size, write_statistics=True)
     return path
 
 
-def read_records(path: Path, model: type[M]) -> list[M]:
-    """Read one shard into records of `model`."""
-    return from_table(pq.read_table(path, schema=arrow_schema(model)), model)
+def write_records(path: Path, records: Sequence[BaseModel], model: type[BaseModel],
+                  row_group_size: int | None = None) -> Path:
+    """Write `records` as one Parquet file, atomically."""
+    return write_table(path, to_table(records, model), row_group_size)
+
+
+def read_records(path: Path, model: type[M], skip_bytes: Sequence[str] = ()) -> list[M]:
+    """Read one shard into records of `model`. Binary fields named in `skip_bytes` (images a
+    stage does not look at) are not read and come back empty: None where optional, else b""."""
+    schema = arrow_schema(model)
+    if not skip_bytes:
+        return from_table(pq.read_table(path, schema=schema), model)
+    for name in skip_bytes:
+        if name not in schema.names or not pa.types.is_binary(schema.field(name).type):
+            raise ValueError(f"{model.__name__}.{name} is not a binary field")
+    table = pq.read_table(path, schema=schema,
+                          columns=[n for n in schema.names if n not in skip_bytes])
+    empty = {n: None if schema.field(n).nullable else b"" for n in skip_bytes}
+    return [model.model_validate({**row, **empty}) for row in table.to_pylist()]
 
 
 def read_json(path: Path, what: str) -> object:

@@ -8,6 +8,7 @@ from schemas.records import (
     GroundedRecord,
     Mark,
     ObjectInstance,
+    ObjectMeasurement,
     Phrase,
     Provenance,
     Record,
@@ -18,6 +19,7 @@ from schemas.records import (
     ReviewDecisionKind,
     ReviewStatus,
     Tile,
+    TileMeasurements,
     TilePlan,
     Usage,
     Window,
@@ -26,6 +28,7 @@ from schemas.records import (
 
 __all__ = [
     "RLE", "SCHEMA_VERSION", "Cluster", "DroppedRecord", "GroundedRecord", "Mark",
-    "ObjectInstance", "Phrase", "Provenance", "Record", "Request", "RequestKind", "Response", "ReviewDecision", "ReviewDecisionKind", "ReviewStatus",
-    "Tile", "TilePlan", "Usage", "Window", "arrow_schema",
+    "ObjectInstance", "ObjectMeasurement", "Phrase", "Provenance", "Record", "Request",
+    "RequestKind", "Response", "ReviewDecision", "ReviewDecisionKind", "ReviewStatus",
+    "Tile", "TileMeasurements", "TilePlan", "Usage", "Window", "arrow_schema",
 ]

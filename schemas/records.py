@@ -14,7 +14,7 @@ from typing import Annotated, Literal, Optional, Union, get_args, get_origin
 import pyarrow as pa
 from pydantic import BaseModel, ConfigDict, Field
 
-SCHEMA_VERSION = "1.0"
+SCHEMA_VERSION = "1.1"  # 1.1: TilePlan.measurements
 
 RequestKind = Literal["holistic", "instance", "cluster", "instance_batch", "compose"]
 PhraseKind = Literal["instance", "cluster"]
@@ -116,6 +116,38 @@ class Request(Record):
     cluster_id: Optional[str] = None
 
 
+class ObjectMeasurement(Record):
+    """One instance measured on its tile's pixels (`pipeline.measure`): median colour, area and
+    minimum-area rectangle, in tile pixels."""
+
+    object_id: int
+    category: str
+    area: int = Field(ge=1, description="pixels under the mask")
+    rgb: list[int] = Field(min_length=3, max_length=3, description="per-channel median colour")
+    cx: float = Field(description="mean x of the mask's pixels")
+    cy: float = Field(description="mean y of the mask's pixels")
+    long: float = Field(description="long side of the minimum-area rectangle, pixels")
+    short: float = Field(description="short side of the minimum-area rectangle, pixels")
+    angle: float = Field(description="long-axis angle, degrees in [0, 180), 0 = horizontal")
+
+
+class TileMeasurements(Record):
+    """A tile measured once by `plan`: its objects, and per grid cell (row-major) the pixels
+    under any object and the ground pixels of each cover class (counted on a regular sample of
+    the pixels: `pipeline.measure.COVER_SAMPLE_STEP`)."""
+
+    image_sha256: str = Field(description="the tile image measured")
+    width: int
+    height: int
+    grid: int = Field(ge=1)
+    objects: list[ObjectMeasurement] = Field(description="non-empty objects, in Tile order")
+    object_pixels: list[int] = Field(description="pixels under any object, per cell")
+    cover_classes: list[str]
+    ground_cover: list[list[int]] = Field(description="[cell][class] ground pixels")
+    ground_value_mean: float = Field(description="mean HSV value of the ground")
+    ground_value_std: float = Field(description="standard deviation of that value")
+
+
 class TilePlan(Record):
     """What `plan` decided for one tile: marks, clusters and the set-of-marks image."""
 
@@ -127,6 +159,8 @@ class TilePlan(Record):
     unplanned_object_ids: list[int] = Field(description="objects neither marked nor clustered")
     som_png: Optional[bytes] = Field(default=None, repr=False, description="set-of-marks image")
     som_sha256: Optional[str] = None
+    measurements: Optional[TileMeasurements] = Field(
+        default=None, description="what the template backend states (None: measure the tile)")
 
 
 class Usage(Record):
