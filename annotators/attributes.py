@@ -87,7 +87,7 @@ SCATTERED_MIN_SPACING = 5.0
 MOSTLY_MIN_SHARE = 0.75       # a colour this common among members is "mostly"
 PARKED_CATEGORIES = {"small_vehicle", "large_vehicle", "plane", "helicopter"}
 
-# --- ground cover (the classes are counted by pipeline.measure) -------------------------------------------------------------------------------
+# --- ground cover (the classes are counted by pipeline.measure) ---------------------------------
 COVER_MOSTLY_MIN_SHARE = 0.5      # a dominant cover this common is "mostly"
 COVER_SECONDARY_MIN_SHARE = 0.12   # a second cover this common is mentioned
 COVER_EVERYWHERE_MIN_SHARE = 0.8   # dominant in every cell at this share = "across the image"
@@ -480,7 +480,6 @@ class TileMeasure:
 
     def __post_init__(self):
         grid = self.measurements.grid
-        self.width, self.height = self.measurements.width, self.measurements.height
         self.objects = {}
         for o in self.measurements.objects:
             shape = Shape(cx=o.cx, cy=o.cy, long=o.long, short=o.short, angle=o.angle)
@@ -492,6 +491,14 @@ class TileMeasure:
     @property
     def grid(self) -> int:
         return self.measurements.grid
+
+    @property
+    def width(self) -> int:
+        return self.measurements.width
+
+    @property
+    def height(self) -> int:
+        return self.measurements.height
 
     def of_category(self, category: str) -> list[ObjectMeasure]:
         key = category_key(category)

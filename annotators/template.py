@@ -3,9 +3,9 @@
 No model is involved: every colour, size, orientation, position, arrangement and count it states
 is measured on the tile's pixels and masks, once, by plan (`pipeline.measure`, stored in
 `TilePlan.measurements`; a tile handed over without its plan is measured here). It answers the
-three request kinds the way the paper's prompts ask (four short sentences; one sentence per marked object; one
-sentence per cluster), never mentions a mark number (it writes no digits at all) and never writes
-phrase tags. Wording varies between requests, chosen by a hash of (request id, seed): the same
+three request kinds the way the paper's prompts ask (four short sentences; one sentence per
+marked object; one sentence per cluster), never mentions a mark number (it writes no digits at
+all) and never writes phrase tags. Wording varies between requests, chosen by a hash of (request id, seed): the same
 input always gives the same text, so a build with this backend is byte-reproducible.
 """
 

@@ -2,9 +2,10 @@
 
 For each request shard `plan/requests/<kind>/<name>` it reads the plan shard of the same name
 (set-of-marks images, and the measurements the template backend states) and the tiles shard (not
-for a backend whose `needs_pixels` is False when every plan holds measurements), hands the whole shard to the backend chosen in `annotate.backend` in one `annotate` call, and writes the responses, in
-request order, to `<out>/<name>`. Backend set-up happens once per shard task, so a backend with a
-client, a response cache or retries slots in without changing the stage.
+for a backend whose `needs_pixels` is False when every plan holds measurements), hands the whole
+shard to the backend chosen in `annotate.backend` in one `annotate` call, and writes the
+responses, in request order, to `<out>/<name>`. Backend set-up happens once per shard task, so
+a backend with a client, a response cache or retries slots in without changing the stage.
 
 A batched-marks request (`plan.batched_marks`, kind instance_batch) is answered in one call by a
 backend that can (`answers_instance_batch`); any other backend gets the per-mark questions it

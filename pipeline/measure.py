@@ -42,11 +42,10 @@ COVER_MIN_SATURATION = 35
 COVER_SAMPLE_STEP = 2
 
 
-def _cover_rules(h: np.ndarray, s: np.ndarray, v: np.ndarray) -> np.ndarray:
-    """Ground-cover class index (into COVER_CLASSES) of HSV values, first matching rule."""
-    h, s, v = (np.asarray(a, dtype=np.int16) for a in (h, s, v))
-    shape = np.broadcast_shapes(h.shape, s.shape, v.shape)
-    out = np.full(shape, COVER_CLASSES.index("reddish surfaces"), dtype=np.uint8)
+def cover_classes(hsv: np.ndarray) -> np.ndarray:
+    """Per-pixel ground-cover class index (into COVER_CLASSES) from HSV heuristics."""
+    h, s, v = (hsv[..., i].astype(np.int16) for i in range(3))
+    out = np.full(h.shape, COVER_CLASSES.index("reddish surfaces"), dtype=np.uint8)
     grey = s < COVER_GREY_MAX_SATURATION
     rules = [  # first match wins: apply in reverse so earlier rules overwrite later ones
         ("dark areas", v < COVER_DARK_MAX_VALUE),
@@ -58,22 +57,8 @@ def _cover_rules(h: np.ndarray, s: np.ndarray, v: np.ndarray) -> np.ndarray:
         ("bare brown soil", (h >= 5) & (h < 34)),
     ]
     for name, where in reversed(rules):
-        out[np.broadcast_to(where, shape)] = COVER_CLASSES.index(name)
+        out[where] = COVER_CLASSES.index(name)
     return out
-
-
-@functools.lru_cache(maxsize=1)
-def _cover_table() -> np.ndarray:
-    """The class of every (hue, saturation, value) triple, computed once (180 x 256 x 256)."""
-    h, s, v = np.ogrid[:180, :256, :256]
-    return _cover_rules(h, s, v)
-
-
-def cover_classes(hsv: np.ndarray) -> np.ndarray:
-    """Per-pixel ground-cover class index (into COVER_CLASSES) of an H x W x 3 HSV image."""
-    index = (hsv[..., 0].astype(np.int32) << 16) | (hsv[..., 1].astype(np.int32) << 8) \
-        | hsv[..., 2]
-    return _cover_table().reshape(-1)[index]
 
 
 def median_colour(pixels: np.ndarray) -> tuple[int, int, int]:

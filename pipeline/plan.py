@@ -3,8 +3,8 @@
 For each tile: the 3x3 position of every instance (positional prior), clusters of many small
 same-category instances per refined grid region, numbered marks on the instances described one
 by one, the tile's measurements (`pipeline.measure`: what the template backend states), and one
-`Request` per LMM call (holistic, instance, cluster) carrying the rendered
-prompt, its version and the hash of the image the model will see.
+`Request` per LMM call (holistic, instance, cluster) carrying the rendered prompt, its version
+and the hash of the image the model will see.
 """
 
 from __future__ import annotations
