@@ -344,6 +344,25 @@ def side_by_side(a: Shape, b: Shape) -> bool:
     return across <= SIDE_BY_SIDE_ACROSS * short and along <= SIDE_BY_SIDE_ALONG * long
 
 
+def paired_count(shapes: Sequence[Shape]) -> int:
+    """How many shapes are `side_by_side` with at least one other (all pairs at once)."""
+    rows = [(s.cx, s.cy, s.long, s.short, s.angle) for s in shapes if s.elongated]
+    if len(rows) < 2:
+        return 0
+    cx, cy, long, short, angle = np.array(rows).T
+    diff = np.abs(angle[:, None] - angle[None, :]) % 180.0
+    parallel = np.minimum(diff, 180.0 - diff) <= PARALLEL_TOLERANCE_DEG
+    theta = np.radians(angle)[:, None]  # row i: shape i's long axis, as side_by_side(i, j)
+    dx, dy = cx[None, :] - cx[:, None], cy[None, :] - cy[:, None]
+    along = np.abs(dx * np.cos(theta) + dy * np.sin(theta))
+    across = np.abs(-dx * np.sin(theta) + dy * np.cos(theta))
+    pairs = (parallel
+             & (across <= SIDE_BY_SIDE_ACROSS * ((short[:, None] + short[None, :]) / 2))
+             & (along <= SIDE_BY_SIDE_ALONG * ((long[:, None] + long[None, :]) / 2)))
+    np.fill_diagonal(pairs, False)
+    return int(pairs.any(axis=1).sum())
+
+
 def in_a_row(points: np.ndarray) -> bool:
     """Centroids (N x 2) fit a line: PCA explained variance high and no large hole along it."""
     if len(points) < 3:
@@ -372,7 +391,7 @@ def group_arrangement(shapes: Sequence[Shape], areas: Sequence[float],
     if len(shapes) < 2:
         return None
     points = np.array([[s.cx, s.cy] for s in shapes])
-    paired = sum(any(side_by_side(a, b) for b in shapes if b is not a) for a in shapes)
+    paired = paired_count(shapes)
     verb = "parked " if category_key(category) in PARKED_CATEGORIES else ""
     row = in_a_row(points)
     if paired * 2 >= len(shapes):

@@ -53,9 +53,15 @@ def annotate_shard(job: ShardJob) -> dict:
     backend = get_backend(job.backend, cache=job.cache)
     one_by_one = any(r.kind == "instance_batch" for r in requests) and \
         not getattr(backend, "answers_instance_batch", False)
+    needs_pixels = getattr(backend, "needs_pixels", True)
     images: dict[str, bytes] = {}
     plans: dict[str, TilePlan] = {}
-    shard_plans = read_records(job.plan, TilePlan)  # one per tile of the shard
+    # one per tile of the shard; set-of-marks images only for a backend that looks at pixels,
+    # or that measures tiles which plan did not measure
+    skip = () if needs_pixels or one_by_one else ("som_png",)
+    shard_plans = read_records(job.plan, TilePlan, skip_bytes=skip)
+    if skip and any(p.measurements is None for p in shard_plans if p.tile_id in wanted):
+        shard_plans = read_records(job.plan, TilePlan)
     for plan in shard_plans:
         if plan.tile_id in wanted:
             plans[plan.tile_id] = plan
@@ -63,7 +69,7 @@ def annotate_shard(job: ShardJob) -> dict:
                 images[plan.som_sha256] = plan.som_png
     measured = all(p.measurements is not None for p in plans.values())
     tiles: dict[str, Tile] = {}
-    if getattr(backend, "needs_pixels", True) or one_by_one or not measured:
+    if needs_pixels or one_by_one or not measured:
         tiles = {t.tile_id: t for t in read_records(job.tiles, Tile) if t.tile_id in wanted}
     context = AnnotationContext(tiles=tiles, images=images, plans=plans)
     if one_by_one:

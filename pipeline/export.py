@@ -36,8 +36,11 @@ from collections import defaultdict
 from dataclasses import dataclass
 from functools import partial
 from pathlib import Path
+from typing import NamedTuple, Sequence
 
+import numpy as np
 import pyarrow as pa
+import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
 from pipeline import __version__ as PIPELINE_VERSION
@@ -46,7 +49,7 @@ from pipeline.geopixel_format import (SEG, check_record, layout_folder,
                                       write_geopixel_lists, write_geopixel_samples)
 from pipeline.params import ExportParams, Params
 from pipeline.runner import map_shards
-from pipeline.shards import (SHARD_RE, atomic_path, from_table, list_shards, read_records,
+from pipeline.shards import (SHARD_RE, atomic_path, list_shards, read_records,
                              safe_name, shard_name, staged_folder, write_json, write_table)
 from schemas import RLE, SCHEMA_VERSION, GroundedRecord, Provenance, Tile, arrow_schema
 
@@ -117,24 +120,43 @@ EXPORT_SCHEMA = _COLUMNS.with_metadata({
 })
 
 
-def export_row(record: GroundedRecord, tile: Tile) -> dict:
-    """One Parquet row: the record, its tile's image and size, phrases column by column."""
-    return {
-        "record_id": record.record_id,
-        "tile_id": record.tile_id,
-        "split": record.split,
-        "image": {"bytes": tile.image_png, "path": f"{tile.tile_id}.png"},
-        "width": tile.width,
-        "height": tile.height,
-        "caption": record.caption,
-        "phrases": [p.text for p in record.phrases],
-        "phrase_kinds": [p.kind for p in record.phrases],
-        "phrase_categories": [p.category for p in record.phrases],
-        "masks": [p.mask.model_dump() for p in record.phrases],
-        "object_ids": [list(p.object_ids) for p in record.phrases],
-        "provenance": record.provenance.model_dump(),
-        "review": record.review,
+def _phrase_field(phrases: pa.Array, name: str) -> pa.ListArray:
+    """One field of every record's phrases, still one list per record."""
+    lengths = pc.list_value_length(phrases).fill_null(0).to_numpy()
+    offsets = np.concatenate(([0], np.cumsum(lengths))).astype(np.int32)
+    return pa.ListArray.from_arrays(pa.array(offsets),
+                                    pc.struct_field(pc.list_flatten(phrases), name))
+
+
+def export_table(records: pa.Table, tiles: pa.Table) -> pa.Table:
+    """Parquet rows (`EXPORT_SCHEMA`) of GroundedRecord rows and their tiles' rows (tile_id,
+    image_png, width, height; row i of `tiles` is record i's tile), built column by column:
+    the image bytes are never turned into Python objects."""
+    records, tiles = records.combine_chunks(), tiles.combine_chunks()
+    phrases = records.column("phrases").chunk(0) if records.num_rows else pa.array(
+        [], records.schema.field("phrases").type)
+    tile_ids = records.column("tile_id").to_pylist()
+    image = pa.StructArray.from_arrays(
+        [tiles.column("image_png").combine_chunks(), pa.array([f"{t}.png" for t in tile_ids])],
+        fields=list(IMAGE_TYPE))
+    columns = {
+        "record_id": records.column("record_id"),
+        "tile_id": records.column("tile_id"),
+        "split": records.column("split"),
+        "image": image,
+        "width": tiles.column("width"),
+        "height": tiles.column("height"),
+        "caption": records.column("caption"),
+        "phrases": _phrase_field(phrases, "text"),
+        "phrase_kinds": _phrase_field(phrases, "kind"),
+        "phrase_categories": _phrase_field(phrases, "category"),
+        "masks": _phrase_field(phrases, "mask"),
+        "object_ids": _phrase_field(phrases, "object_ids"),
+        "provenance": records.column("provenance"),
+        "review": records.column("review"),
     }
+    return pa.Table.from_arrays([columns[f.name].cast(f.type) for f in EXPORT_SCHEMA],
+                                schema=EXPORT_SCHEMA)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -168,32 +190,39 @@ class ParquetShard:
     slices: tuple[ParquetSlice, ...]
 
 
-def _read_pairs(records_path: Path, tiles_path: Path, start: int = 0,
-                stop: int | None = None) -> list[tuple[GroundedRecord, Tile]]:
-    """Records `start:stop` of a shard with their tiles (only the tiles they name are read)."""
-    records = read_records(records_path, GroundedRecord)[start:stop]
-    wanted = sorted({r.tile_id for r in records})
-    if not wanted:
-        return []
-    table = pq.read_table(tiles_path, schema=arrow_schema(Tile),
-                          filters=[("tile_id", "in", wanted)])
-    tiles = {t.tile_id: t for t in from_table(table, Tile)}
-    pairs = []
-    for record in records:
-        if record.tile_id not in tiles:
-            raise BadRecordError(f"record {record.record_id} names tile {record.tile_id!r}, "
-                                 f"absent from {tiles_path.name}", records_path)
-        pairs.append((record, tiles[record.tile_id]))
-    return pairs
+class TileImage(NamedTuple):
+    """What the GeoPixel files need of a tile (`geopixel_format.TileImage`): its instances
+    are read as plain rows, not validated again."""
+
+    tile_id: str
+    height: int
+    width: int
+    image_png: bytes
 
 
-def _coco_piece(record: GroundedRecord, tile: Tile) -> dict:
-    """What the COCO file needs of one record, before ids are given out."""
+def _tile_rows(records_path: Path, tiles_path: Path, tile_ids: Sequence[str],
+               columns: Sequence[str]) -> pa.Table:
+    """The rows of the tiles `tile_ids` names, in that order (only those tiles are read)."""
+    if not tile_ids:
+        return pq.read_table(tiles_path, schema=arrow_schema(Tile), columns=list(columns)
+                             ).slice(0, 0)
+    table = pq.read_table(tiles_path, schema=arrow_schema(Tile), columns=list(columns),
+                          filters=[("tile_id", "in", sorted(set(tile_ids)))])
+    row_of = {t: i for i, t in enumerate(table.column("tile_id").to_pylist())}
+    for tile_id in tile_ids:
+        if tile_id not in row_of:
+            raise BadRecordError(f"a record names tile {tile_id!r}, absent from "
+                                 f"{tiles_path.name}", records_path)
+    return table.take(pa.array([row_of[t] for t in tile_ids], pa.int64()))
+
+
+def _coco_piece(record: GroundedRecord, tile: dict) -> dict:
+    """What the COCO file needs of one record (`tile` a tiles-shard row), before ids are
+    given out."""
     return {
-        "tile_id": tile.tile_id, "width": tile.width, "height": tile.height,
-        "objects": [{"object_id": o.object_id, "category": o.category, "area": o.area,
-                     "bbox": list(o.bbox), "segmentation": o.mask.model_dump()}
-                    for o in tile.objects],
+        "tile_id": tile["tile_id"], "width": tile["width"], "height": tile["height"],
+        "objects": [{"object_id": o["object_id"], "category": o["category"], "area": o["area"],
+                     "bbox": o["bbox"], "segmentation": o["mask"]} for o in tile["objects"]],
         "record_id": record.record_id, "caption": record.caption, "review": record.review,
         "phrases": [{"text": p.text, "kind": p.kind, "category": p.category,
                      "object_ids": list(p.object_ids)} for p in record.phrases],
@@ -202,19 +231,30 @@ def _coco_piece(record: GroundedRecord, tile: Tile) -> dict:
 
 def export_shard(shard: InputShard, geopixel_dir: Path, export: ExportParams) -> dict:
     """Write one input shard's GeoPixel samples; return its COCO pieces and list items."""
-    pairs = _read_pairs(shard.records, shard.tiles)
-    items = write_geopixel_samples(pairs, geopixel_dir, export, {shard.folder: shard.first_id})
-    return {"split": shard.split, "coco": [_coco_piece(r, t) for r, t in pairs],
+    records = read_records(shard.records, GroundedRecord)
+    tiles = _tile_rows(shard.records, shard.tiles, [r.tile_id for r in records],
+                       ["tile_id", "height", "width", "image_png", "objects"]).to_pylist()
+    pairs = [(r, TileImage(t["tile_id"], t["height"], t["width"], t["image_png"]))
+             for r, t in zip(records, tiles)]
+    # the staging folder is swapped in whole: its files need no atomic writes of their own
+    items = write_geopixel_samples(pairs, geopixel_dir, export, {shard.folder: shard.first_id},
+                                   atomic=False)
+    return {"split": shard.split, "coco": [_coco_piece(r, t) for r, t in zip(records, tiles)],
             "geopixel": items}
 
 
 def write_parquet_shard(shard: ParquetShard, export: ExportParams) -> int:
     """Write one output Parquet shard from slices of input shards; rows written."""
-    rows = [export_row(r, t) for s in shard.slices
-            for r, t in _read_pairs(s.records, s.tiles, s.start, s.stop)]
-    write_table(shard.path, pa.Table.from_pylist(rows, schema=EXPORT_SCHEMA),
-                export.row_group_size)
-    return len(rows)
+    parts = []
+    for s in shard.slices:
+        records = pq.read_table(s.records, schema=arrow_schema(GroundedRecord)
+                                ).slice(s.start, s.stop - s.start)
+        tiles = _tile_rows(s.records, s.tiles, records.column("tile_id").to_pylist(),
+                           ["tile_id", "image_png", "width", "height"])
+        parts.append(export_table(records, tiles))
+    table = pa.concat_tables(parts) if parts else EXPORT_SCHEMA.empty_table()
+    write_table(shard.path, table, export.row_group_size)
+    return table.num_rows
 
 
 # ---------------------------------------------------------------------------------------------

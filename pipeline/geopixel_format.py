@@ -34,7 +34,7 @@ import json
 import re
 from collections import defaultdict
 from pathlib import Path
-from typing import Iterable, Mapping, Sequence
+from typing import Iterable, Mapping, Protocol, Sequence
 
 import cv2
 import numpy as np
@@ -120,13 +120,32 @@ def _dump(path: Path, payload: object, indent: int | None = None) -> None:
                        encoding="ascii")
 
 
-def write_geopixel_samples(pairs: Iterable[tuple[GroundedRecord, Tile]], out_dir: Path,
-                           export: ExportParams, first_ids: Mapping[str, int] | None = None
-                           ) -> dict[str, list[dict]]:
+class TileImage(Protocol):
+    """What a sample needs of its tile (a `Tile`, or a row read without its instances)."""
+
+    tile_id: str
+    height: int
+    width: int
+    image_png: bytes
+
+
+def _write(path: Path, data: bytes, atomic: bool) -> None:
+    if not atomic:
+        path.write_bytes(data)
+        return
+    with atomic_path(path) as tmp:
+        tmp.write_bytes(data)
+
+
+def write_geopixel_samples(pairs: Iterable[tuple[GroundedRecord, TileImage]], out_dir: Path,
+                           export: ExportParams, first_ids: Mapping[str, int] | None = None,
+                           atomic: bool = True) -> dict[str, list[dict]]:
     """Write each pair's `<folder>/<tile>.png|.json`; return the list items, by folder.
 
     Ids count from `first_ids[folder]` (0 by default) in the order of `pairs`, so a stage that
     writes shard by shard passes each shard's offset and gets the ids of one whole-set write.
+    Each file is written atomically unless `atomic` is False (for a caller whose whole output
+    folder is staged and swapped in at once).
     """
     prefix = _prefix(export)
     next_id = defaultdict(int, first_ids or {})
@@ -149,10 +168,9 @@ def write_geopixel_samples(pairs: Iterable[tuple[GroundedRecord, Tile]], out_dir
         image = f"{prefix}/{folder}/{name}.png"
         sample_id = next_id[folder]
         next_id[folder] += 1
-        with atomic_path(png_path) as tmp:
-            tmp.write_bytes(tile.image_png)
-        with atomic_path(json_path) as tmp:
-            tmp.write_text(sample_json(sample_id, image, record), encoding="ascii")
+        folder_dir.mkdir(parents=True, exist_ok=True)
+        _write(png_path, tile.image_png, atomic)
+        _write(json_path, sample_json(sample_id, image, record).encode("ascii"), atomic)
         items[folder].append({
             "id": sample_id,
             "conversations": [{"from": "human", "value": export.geopixel_question},

@@ -20,12 +20,12 @@ from typing import Iterator, Optional
 
 import cv2
 import numpy as np
-from pycocotools import mask as mask_utils
 
 from pipeline.categories import ISAID_COLOUR_TO_CATEGORY
 from pipeline.errors import BadImageError, BadMaskError
 from pipeline.imaging import (PNG_SIGNATURE, decode_image, encode_png, png_is_complete, png_size,
                               sha256)
+from pipeline.masks import counts_string
 from pipeline.params import PrepareParams
 from schemas import RLE, ObjectInstance, Tile, Window
 
@@ -208,11 +208,9 @@ def run_length_rle(lin: np.ndarray, height: int, width: int) -> RLE:
     counts = np.empty(2 * len(starts), dtype=np.int64)
     counts[0::2] = starts - np.concatenate(([0], ends[:-1]))
     counts[1::2] = ends - starts
-    runs = counts.tolist()
     if ends[-1] < total:
-        runs.append(int(total - ends[-1]))
-    rle = mask_utils.frPyObjects({"counts": runs, "size": [height, width]}, height, width)
-    return RLE(size=[height, width], counts=rle["counts"].decode("ascii"))
+        counts = np.append(counts, total - ends[-1])
+    return RLE(size=[height, width], counts=counts_string(counts))
 
 
 def tile_instances(ids: np.ndarray, colours: np.ndarray, params: PrepareParams,

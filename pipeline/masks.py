@@ -66,6 +66,36 @@ def run_lengths(counts: str) -> np.ndarray:
     return runs
 
 
+def counts_string(runs: np.ndarray) -> str:
+    """Compress alternating 0/1 run lengths into a COCO RLE counts string (the inverse of
+    `run_lengths`), by pycocotools' own encoder."""
+    runs = np.asarray(runs, dtype=np.int64)
+    if runs.size == 0:
+        return ""
+    total = int(runs.sum())
+    rle = mask_utils.frPyObjects({"counts": runs.tolist(), "size": [1, total]}, 1, total)
+    return rle["counts"].decode("ascii")
+
+
+def is_canonical(rle: RLE) -> tuple[bool, bool]:
+    """(valid, empty) of an RLE: valid when its counts string is exactly what pycocotools'
+    encode gives for the mask it describes (well-formed, runs after the first positive,
+    covering the frame exactly), empty when no pixel is set. Same verdict as decoding and
+    re-encoding the full mask, without decoding it."""
+    try:
+        runs = run_lengths(rle.counts)
+    except ValueError:
+        return False, False
+    height, width = rle.size
+    valid = (runs.size > 0 and int(runs.sum()) == height * width and bool((runs[1:] > 0).all())
+             and counts_string(runs) == rle.counts)
+    return valid, bool(valid and runs.size < 2)
+
+
+# masks covering over 1/BIG_MASK_SHARE of their frame are decoded whole, then cropped
+BIG_MASK_SHARE = 32
+
+
 def decode_crop(rle: RLE) -> tuple[np.ndarray, int, int]:
     """Decode only the mask's bounding box: (crop, x0, y0), crop uint8 0/1. Much cheaper than
     `decode` for the small objects aerial tiles are full of; an empty mask gives a 0x0 crop."""
@@ -78,8 +108,13 @@ def decode_crop(rle: RLE) -> tuple[np.ndarray, int, int]:
     ones_start, ones_len = ones_start[keep], ones_len[keep]
     if ones_start.size == 0:
         return np.zeros((0, 0), np.uint8), 0, 0
-    # every foreground pixel's column-major index, without a Python loop over pixels
     total = int(ones_len.sum())
+    if total * BIG_MASK_SHARE > int(ends[-1]):
+        # a large mask: pycocotools' full decode (a C loop) beats indexing every pixel
+        full = decode(rle)
+        x, y, w, h = (int(v) for v in mask_utils.toBbox(to_coco(rle)))
+        return np.ascontiguousarray(full[y:y + h, x:x + w]), x, y
+    # every foreground pixel's column-major index, without a Python loop over pixels
     offsets = np.repeat(ones_start - np.concatenate(([0], np.cumsum(ones_len)[:-1])), ones_len)
     index = np.arange(total, dtype=np.int64) + offsets
     xs, ys = np.divmod(index, height)

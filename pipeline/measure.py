@@ -75,18 +75,23 @@ def median_colour(pixels: np.ndarray) -> tuple[int, int, int]:
 
 def mask_shape(mask: np.ndarray) -> tuple[float, float, float, float, float]:
     """(cx, cy, long, short, angle) of a binary mask, in the mask's own pixel coordinates."""
-    mask = mask.astype(np.uint8, copy=False)
+    return _mask_shape(mask.astype(np.uint8, copy=False))[:5]
+
+
+def _mask_shape(mask: np.ndarray) -> tuple[float, float, float, float, float, int]:
+    """`mask_shape` of a uint8 0/1 mask, and its pixel count."""
     moments = cv2.moments(mask, binaryImage=True)
     if moments["m00"] == 0:
         raise ValueError("empty mask has no shape")
-    points = np.concatenate(masks.contours(mask)).astype(np.float32)
+    found = masks.contours(mask)
+    points = (found[0] if len(found) == 1 else np.concatenate(found)).astype(np.float32)
     corners = cv2.boxPoints(cv2.minAreaRect(points))
-    edge_a, edge_b = corners[1] - corners[0], corners[2] - corners[1]
-    len_a, len_b = float(np.hypot(*edge_a)), float(np.hypot(*edge_b))
-    long_edge = edge_a if len_a >= len_b else edge_b
-    angle = math.degrees(math.atan2(float(long_edge[1]), float(long_edge[0]))) % 180.0
+    edges = np.diff(corners[:3], axis=0)  # float32, as boxPoints gives them
+    len_a, len_b = np.hypot(edges[:, 0], edges[:, 1]).tolist()
+    long_x, long_y = edges[0 if len_a >= len_b else 1].tolist()
+    angle = math.degrees(math.atan2(long_y, long_x)) % 180.0
     return (moments["m10"] / moments["m00"], moments["m01"] / moments["m00"],
-            max(len_a, len_b) + 1.0, min(len_a, len_b) + 1.0, angle)
+            max(len_a, len_b) + 1.0, min(len_a, len_b) + 1.0, angle, int(moments["m00"]))
 
 
 @functools.lru_cache(maxsize=8)
@@ -108,12 +113,13 @@ def measure_objects(image: np.ndarray, instances: Sequence[InstanceMask]
     for inst in instances:
         if inst.mask.size == 0:
             continue
-        mask = inst.mask.astype(bool)
+        mask = inst.mask.astype(np.uint8, copy=False)
         box = (slice(inst.y0, inst.y0 + mask.shape[0]), slice(inst.x0, inst.x0 + mask.shape[1]))
+        cx, cy, long, short, angle, area = _mask_shape(mask)
+        mask = mask.view(bool)  # 0/1 bytes read as booleans, no copy
         union[box] |= mask
-        cx, cy, long, short, angle = mask_shape(inst.mask)
         objects.append(ObjectMeasurement(
-            object_id=inst.object_id, category=inst.category, area=int(mask.sum()),
+            object_id=inst.object_id, category=inst.category, area=area,
             rgb=list(median_colour(image[box][mask])), cx=cx + inst.x0, cy=cy + inst.y0,
             long=long, short=short, angle=angle))
     return objects, union

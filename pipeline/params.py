@@ -76,7 +76,8 @@ class MarkParams(Section):
         4, ge=1, le=256, description="px grid for alternative anchors: one per cell, so that "
         "a colliding mark is retried somewhere else, not one pixel over")
     gap: int = Field(1, ge=1, le=64, description="fewest px of image between two marks' squares")
-    png_compression: int = Field(1, ge=0, le=9, description="zlib level of the set-of-marks PNG")
+    png_compression: int = Field(0, ge=0, le=9, description="zlib level of the set-of-marks "
+                                 "PNG: 0 stores it (fastest; about twice the bytes of 1)")
     ink_threshold: int = Field(64, ge=1, le=255, description="anti-aliased text coverage "
                                "(0-255) drawn as full yellow; below it the square stays black")
 

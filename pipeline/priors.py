@@ -14,6 +14,7 @@ import re
 from dataclasses import dataclass
 from typing import Sequence
 
+import cv2
 import numpy as np
 
 from pipeline import masks
@@ -131,8 +132,8 @@ def instance_masks(tile_id: str, height: int, width: int,
                                       np.zeros((0, 0), np.uint8), int(bx), int(by),
                                       (bx + bw / 2, by + bh / 2)))
             continue
-        ys, xs = np.nonzero(crop)
-        centroid = (float(xs.mean()) + x0 + 0.5, float(ys.mean()) + y0 + 0.5)
+        m = cv2.moments(crop, binaryImage=True)  # exact pixel sums: the mean pixel position
+        centroid = (m["m10"] / m["m00"] + x0 + 0.5, m["m01"] / m["m00"] + y0 + 0.5)
         found.append(InstanceMask(obj.object_id, obj.category, obj.area, crop, x0, y0, centroid))
     return found
 

@@ -20,6 +20,7 @@ import os
 import sys
 import uuid
 from concurrent.futures import ProcessPoolExecutor
+from concurrent.futures.process import BrokenProcessPool
 from typing import Callable, Sequence, TypeVar
 
 import dask
@@ -98,14 +99,37 @@ def map_shards(task: Callable[[T], R], items: Sequence[T], *, label: str,
         kwargs = {"scheduler": "synchronous"}  # nothing to run side by side
     with contextlib.ExitStack() as stack:
         if kwargs["scheduler"] == "processes":
-            kwargs["pool"] = stack.enter_context(ProcessPoolExecutor(
-                min(workers, len(items)), mp_context=_forkserver()))
+            kwargs["pool"] = stack.enter_context(_worker_pool(workers))
         if show_progress():
             from rich.progress import Progress
             progress = stack.enter_context(Progress(transient=True))
             stack.enter_context(_RichCallback(progress, progress.add_task(label,
                                                                           total=len(items))))
         return _unwrap(list(dask.compute(*delayed, **kwargs)))
+
+
+# Worker processes outlive one map: the stages of one run (`geopixeld build`, the benchmark)
+# reuse them with their imports and caches warm. A pool serves only the working directory and
+# environment it was started in (a worker keeps the ones it started with); a pool that broke (a
+# worker died) is dropped, and the next map starts a fresh one.
+_POOLS: dict[tuple, ProcessPoolExecutor] = {}
+
+
+@contextlib.contextmanager
+def _worker_pool(workers: int):
+    key = (workers, os.getcwd(), tuple(sorted(os.environ.items())))
+    pool = _POOLS.get(key)
+    if pool is None:
+        for stale in _POOLS.values():
+            stale.shutdown(wait=False, cancel_futures=True)
+        _POOLS.clear()
+        pool = _POOLS[key] = ProcessPoolExecutor(workers, mp_context=_forkserver())
+    try:
+        yield pool
+    except BrokenProcessPool:
+        _POOLS.pop(key, None)
+        pool.shutdown(wait=False, cancel_futures=True)
+        raise
 
 
 # loaded once into the fork server, so that each worker starts with them

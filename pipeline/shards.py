@@ -70,17 +70,40 @@ def from_table(table: pa.Table, model: type[M]) -> list[M]:
     return [model.model_validate(row) for row in table.to_pylist()]
 
 
+def _leaf_columns(field: pa.Field, prefix: str = "") -> Iterator[tuple[str, pa.DataType]]:
+    """(Parquet column path, type) of every leaf under an Arrow field ("image.bytes",
+    "objects.list.element.mask.counts")."""
+    name, dtype = prefix + field.name, field.type
+    if pa.types.is_struct(dtype):
+        for child in dtype:
+            yield from _leaf_columns(child, name + ".")
+    elif pa.types.is_list(dtype) or pa.types.is_large_list(dtype):
+        yield from _leaf_columns(pa.field("element", dtype.value_type), name + ".list.")
+    else:
+        yield name, dtype
+
+
+def _is_bytes(dtype: pa.DataType) -> bool:
+    return pa.types.is_binary(dtype) or pa.types.is_large_binary(dtype)
+
+
 def compression(schema: pa.Schema) -> dict[str, str]:
-    """Parquet codec per column: zstd, except binary columns (PNG bytes do not compress; zstd
-    would only spend time on them)."""
-    return {f.name: "none" if pa.types.is_binary(f.type) else "zstd" for f in schema}
+    """Parquet codec per leaf column: zstd, except binary columns (PNG bytes do not compress;
+    zstd would only spend time on them)."""
+    return {name: "none" if _is_bytes(dtype) else "zstd"
+            for field in schema for name, dtype in _leaf_columns(field)}
 
 
 def write_table(path: Path, table: pa.Table, row_group_size: int | None = None) -> Path:
-    """Write one Parquet file atomically (codecs by `compression`)."""
+    """Write one Parquet file atomically (codecs by `compression`). Binary columns get neither
+    a dictionary nor min/max statistics: images are unique, and statistics would copy two
+    whole images into every page header."""
+    small = [name for field in table.schema for name, dtype in _leaf_columns(field)
+             if not _is_bytes(dtype)]
     with atomic_path(path) as tmp:
         pq.write_table(table, tmp, compression=compression(table.schema),
-                       row_group_size=row_group_size, write_statistics=True)
+                       row_group_size=row_group_size, use_dictionary=small,
+                       write_statistics=small)
     return path
 
 

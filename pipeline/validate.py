@@ -144,14 +144,10 @@ def _mask_reasons(record: GroundedRecord, tile_size: Optional[tuple[int, int]]) 
         expected = expected or size
         if size != expected:
             found.append("mask_size_mismatch")
-        try:
-            pixels = masks.decode(phrase.mask)
-        except ValueError:  # pycocotools: "Invalid RLE mask representation"
-            found.append("bad_mask")
-            continue
         # pycocotools reads some malformed counts without complaint: a valid RLE is canonical.
-        if masks.encode(pixels).counts != phrase.mask.counts:
+        valid, empty = masks.is_canonical(phrase.mask)
+        if not valid:
             found.append("bad_mask")
-        elif not pixels.any():
+        elif empty:
             found.append("empty_mask")
     return found

@@ -74,6 +74,62 @@ def test_run_lengths_equal_pycocotools_and_refuse_malformed_strings():
             masks.run_lengths(bad)
 
 
+def _reference_verdict(rle) -> tuple[bool, bool]:
+    """(valid, empty) the slow way: decode the full mask and encode it again."""
+    try:
+        pixels = masks.decode(rle)
+    except ValueError:
+        return False, False
+    if masks.encode(pixels).counts != rle.counts:
+        return False, False
+    return True, not pixels.any()
+
+
+def test_canonical_check_agrees_with_decoding_and_encoding_again():
+    from schemas import RLE
+
+    rng = np.random.default_rng(11)
+    cases = []
+    for k in range(150):
+        h, w = (int(v) for v in rng.integers(1, 90, 2))
+        m = (rng.random((h, w)) < rng.random() ** 2).astype(np.uint8)
+        if k % 5 == 0:
+            m[:] = k % 10 == 0
+        good = masks.encode(m).counts
+        runs = masks.run_lengths(good)
+        cases.append((h, w, good))
+        cases.append((h, w, masks.counts_string(runs) + "0"))  # an extra empty run
+        if len(runs) > 2:
+            short = runs.copy()
+            short[-1] -= 1  # covers one pixel less than the frame
+            cases.append((h, w, masks.counts_string(short)))
+            gap = np.concatenate((runs[:1], [0], runs[1:]))  # a zero-length interior run
+            cases.append((h, w, masks.counts_string(gap)))
+    cases.append((2, 2, "U0"))  # 4 written with a needless continuation character
+    for h, w, counts in cases:
+        rle = RLE(size=[h, w], counts=counts)
+        assert masks.is_canonical(rle) == _reference_verdict(rle), (h, w, counts)
+    assert masks.is_canonical(RLE(size=[2, 2], counts="a!b")) == (False, False)
+
+
+def test_counts_string_inverts_run_lengths_and_big_masks_crop_alike(monkeypatch):
+    rng = np.random.default_rng(5)
+    for _ in range(100):
+        h, w = (int(v) for v in rng.integers(2, 100, 2))
+        m = np.zeros((h, w), np.uint8)
+        y, x = int(rng.integers(0, h)), int(rng.integers(0, w))
+        m[y:y + int(rng.integers(1, h + 1)), x:x + int(rng.integers(1, w + 1))] = 1
+        m &= (rng.random((h, w)) < 0.9).astype(np.uint8)
+        rle = masks.encode(m)
+        assert masks.counts_string(masks.run_lengths(rle.counts)) == rle.counts
+        whole = masks.decode_crop(rle)  # large masks are decoded whole, then cropped
+        monkeypatch.setattr(masks, "BIG_MASK_SHARE", 0)  # every mask by its pixel indices
+        indexed = masks.decode_crop(rle)
+        monkeypatch.undo()
+        assert whole[1:] == indexed[1:] and whole[0].dtype == indexed[0].dtype == np.uint8
+        assert np.array_equal(whole[0], indexed[0])
+
+
 def test_ground_cover_counts_a_uniform_tile_and_objects_per_cell():
     image = np.zeros((90, 120, 3), np.uint8)
     image[:] = (60, 140, 50)  # green vegetation

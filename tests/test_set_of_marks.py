@@ -157,3 +157,16 @@ def test_rendered_png_matches_drawn_pixels():
     drawn = draw_marks(image, placed.marks, MarkParams())
     assert (decode_png(render_set_of_marks(image, placed.marks, MarkParams())) == drawn).all()
     assert_digits_drawn(image, drawn, placed.marks)
+
+
+@pytest.mark.parametrize("level", [0, 1, 6])
+def test_set_of_marks_png_is_lossless_at_every_level(level):
+    tile = synthetic_tile([(200, 200, 260, 260), (40, 40, 90, 70)], "Harbor")
+    insts = instance_masks(tile.tile_id, tile.height, tile.width, tile.objects)
+    params = MarkParams(png_compression=level)
+    placed = place_marks(insts, tile.width, tile.height, 10, params)
+    image = decode_png(tile.image_png)
+    png = render_set_of_marks(image, placed.marks, params)
+    assert (decode_png(png) == draw_marks(image, placed.marks, params)).all()
+    if level == 0:  # stored, unfiltered: the pixels plus a few bytes a row
+        assert len(png) >= image.size

@@ -302,3 +302,16 @@ def test_mask_of_another_size_fails_the_tile_requests():
     (response,) = annotate([t], [request(t, "holistic", "h")])
     assert response.status == "failed"
     assert "wrong_0_100_0_100" in response.error and "50x50" in response.error
+
+
+def test_paired_count_equals_pairwise_side_by_side():
+    rng = np.random.default_rng(3)
+    for n in (0, 1, 2, 5, 40):
+        for _ in range(20):
+            shapes = [attr.Shape(cx=float(rng.uniform(0, 200)), cy=float(rng.uniform(0, 200)),
+                                 long=float(rng.uniform(2, 40)), short=float(rng.uniform(1, 15)),
+                                 angle=float(rng.choice([0.0, 5.0, 90.0, rng.uniform(0, 180)])))
+                      for _ in range(n)]
+            expected = sum(any(attr.side_by_side(a, b) for j, b in enumerate(shapes) if j != i)
+                           for i, a in enumerate(shapes))
+            assert attr.paired_count(shapes) == expected
