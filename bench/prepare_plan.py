@@ -9,11 +9,13 @@ with their id and colour masks). In one run, side by side, each in a fresh subpr
   (`--stages all`, the default);
 - the pipeline again on twice the scenes, for peak memory (resident memory of the subprocess and
   its worker processes together, sampled every 50 ms).
+The floor and the pipeline at N run `--repeat` times (2), alternated; each side's fastest run is
+compared (these machines are noisy; the fastest run is the least disturbed one).
 The pipeline runs with params.yaml's runner defaults (local scheduler `processes`) unless
 `--scheduler` says otherwise.
 Prints tiles/s, the pipeline/floor time ratio (target <= 3) and peak memory N vs 2N (target:
 flat). Usage: python bench/prepare_plan.py [--scenes 100] [--stages all|plan] [--workers 2]
-       [--scheduler processes|threads]
+       [--scheduler processes|threads] [--repeat 2]
 """
 
 from __future__ import annotations
@@ -196,6 +198,8 @@ def main() -> None:
     ap.add_argument("--scenes", type=int, default=100)
     ap.add_argument("--workers", type=int, default=2)
     ap.add_argument("--stages", choices=["plan", "all"], default="all")
+    ap.add_argument("--repeat", type=int, default=2,
+                    help="runs of the floor and of the pipeline at N, alternated (fastest kept)")
     ap.add_argument("--scheduler", choices=["processes", "threads"],
                     help="the pipeline's local scheduler (default: params.yaml's runner)")
     ap.add_argument("--child", choices=["floor", "pipeline"])
@@ -224,9 +228,16 @@ def main() -> None:
               file=sys.stderr)
         common = ["--workers", str(args.workers), "--stages", args.stages,
                   *(["--scheduler", args.scheduler] if args.scheduler else [])]
-        floor = run_child(["--child", "floor", "--root", str(work / "n"), *common])
-        pipe = run_child(["--child", "pipeline", "--root", str(work / "n"), "--out",
-                          str(work / "out-n"), *common])
+        # floor and pipeline alternate; each keeps its fastest run (the one the machine's
+        # other load disturbed least), so both sides get the same chances
+        floors, pipes = [], []
+        for _ in range(args.repeat):
+            floors.append(run_child(["--child", "floor", "--root", str(work / "n"), *common]))
+            pipes.append(run_child(["--child", "pipeline", "--root", str(work / "n"), "--out",
+                                    str(work / "out-n"), *common]))
+            shutil.rmtree(work / "out-n")  # each run writes into an empty folder
+        floor = min(floors, key=lambda r: r["seconds"])
+        pipe = min(pipes, key=lambda r: r["seconds"])
         pipe2 = run_child(["--child", "pipeline", "--root", str(work / "all"), "--out",
                            str(work / "out-2n"), *common])
     finally:
@@ -236,7 +247,9 @@ def main() -> None:
     mem_ratio = pipe2["max_rss_mib"] / pipe["max_rss_mib"]
     label = "prepare+plan" if args.stages == "plan" else "prepare->export (template)"
     print(f"scenes={args.scenes} workers={args.workers} stages={label} "
-          f"scheduler={args.scheduler or 'params default'}")
+          f"scheduler={args.scheduler or 'params default'} repeat={args.repeat}")
+    print("seconds of every run at N: floor", [round(r["seconds"], 2) for r in floors],
+          "pipeline", [round(r["seconds"], 2) for r in pipes])
     print(f"{'run':<28}{'tiles':>7}{'seconds':>10}{'tiles/s':>10}{'peak MiB':>10}")
     for name, r in [("floor: decode+encode", floor), (f"pipeline N={args.scenes}", pipe),
                     (f"pipeline 2N={2 * args.scenes}", pipe2)]:

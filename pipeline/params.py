@@ -55,7 +55,8 @@ class PrepareParams(Section):
     min_contour_points: int = Field(2, ge=0, description="any contour of <= this many points drops the instance")
     max_image_pixels: int = Field(250_000_000, ge=1, description="decompression-bomb limit")
     png_compression: int = Field(1, ge=0, le=9)
-    tiles_per_shard: int = Field(64, ge=1, le=100_000)
+    tiles_per_shard: int = Field(32, ge=1, le=100_000, description="a shard is one task of "
+                                 "every stage: small enough that the workers finish together")
     on_error: OnError = "raise"
 
     @model_validator(mode="after")

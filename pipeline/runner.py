@@ -1,10 +1,11 @@
-"""Map a per-shard task over shards with dask: local scheduler by default, or a cluster.
+"""Map a per-shard task over shards: local worker processes by default, or a dask cluster.
 
 Tasks read their inputs and write their outputs themselves (I/O stays on the worker); what they
 return is a small report. `scheduler` (or DASK_SCHEDULER_ADDRESS) names a dask.distributed
-scheduler; without one dask's local scheduler runs the tasks: `processes` (the default: shard
-work is partly pure Python, which threads would serialise on the GIL), `threads` (for a task that
-must share the process, e.g. a model loaded in memory) or `synchronous` (debugging).
+scheduler; without one the tasks run locally: `processes` (the default: shard work is partly
+pure Python, which threads would serialise on the GIL; shards are handed out one at a time in
+item order), or through dask's local scheduler `threads` (for a task that must share the
+process, e.g. a model loaded in memory) or `synchronous` (debugging).
 
 Local worker processes are started by a fork server: forked from a fresh single-threaded
 process, not from the caller (which may hold threads, e.g. OpenCV's or Arrow's pools, that a
@@ -19,7 +20,7 @@ import multiprocessing
 import os
 import sys
 import uuid
-from concurrent.futures import ProcessPoolExecutor
+from concurrent.futures import ProcessPoolExecutor, as_completed
 from concurrent.futures.process import BrokenProcessPool
 from typing import Callable, Sequence, TypeVar
 
@@ -88,24 +89,36 @@ def map_shards(task: Callable[[T], R], items: Sequence[T], *, label: str,
     address = scheduler_address(scheduler)
     if address:
         return _unwrap(_map_distributed(settled, items, address, label))
+    if local_scheduler == "processes" and workers > 1 and len(items) > 1:
+        return _unwrap(_map_processes(settled, items, label, workers))
+    if local_scheduler == "processes":
+        local_scheduler = "synchronous"  # nothing to run side by side
     delayed = [dask.delayed(settled, pure=False)(it, dask_key_name=("shard-task", i))
                for i, it in enumerate(items)]
     kwargs = {"scheduler": local_scheduler}
     if local_scheduler != "synchronous":
-        # one shard per hand-out: shard tasks are coarse, and dask's process pool would
-        # otherwise hand a few shards to one worker in a single batch
-        kwargs.update(num_workers=workers, chunksize=1)
-    if local_scheduler == "processes" and (workers == 1 or len(items) == 1):
-        kwargs = {"scheduler": "synchronous"}  # nothing to run side by side
+        kwargs.update(num_workers=workers)
     with contextlib.ExitStack() as stack:
-        if kwargs["scheduler"] == "processes":
-            kwargs["pool"] = stack.enter_context(_worker_pool(workers))
         if show_progress():
             from rich.progress import Progress
             progress = stack.enter_context(Progress(transient=True))
             stack.enter_context(_RichCallback(progress, progress.add_task(label,
                                                                           total=len(items))))
         return _unwrap(list(dask.compute(*delayed, **kwargs)))
+
+
+def _map_processes(settled, items: list, label: str, workers: int) -> list[_Outcome]:
+    """Tasks handed to worker processes one at a time, in item order (stages put their
+    largest shards first and the remainder last, so the workers finish together)."""
+    with _worker_pool(workers) as pool:
+        futures = [pool.submit(settled, item) for item in items]
+        if show_progress():
+            from rich.progress import Progress
+            with Progress(transient=True) as progress:
+                tid = progress.add_task(label, total=len(items))
+                for _ in as_completed(futures):
+                    progress.advance(tid)
+        return [f.result() for f in futures]
 
 
 # Worker processes outlive one map: the stages of one run (`geopixeld build`, the benchmark)

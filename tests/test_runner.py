@@ -41,6 +41,23 @@ def test_default_runs_shards_in_other_processes_in_item_order():
     assert os.getpid() not in pids and 1 <= len(pids) <= 2
 
 
+def _pid_and_cwd(n: int) -> tuple[int, str]:
+    return os.getpid(), os.getcwd()
+
+
+def test_workers_serve_the_next_map_until_the_working_directory_changes(tmp_path, monkeypatch):
+    first = map_shards(_pid_and_cwd, list(range(6)), label="t", local_scheduler="processes",
+                       workers=2)
+    again = map_shards(_pid_and_cwd, list(range(4)), label="t", local_scheduler="processes",
+                       workers=2)
+    assert {pid for pid, _ in again} <= {pid for pid, _ in first}  # the same workers
+    monkeypatch.chdir(tmp_path)
+    moved = map_shards(_pid_and_cwd, list(range(4)), label="t", local_scheduler="processes",
+                       workers=2)
+    assert {cwd for _, cwd in moved} == {str(tmp_path)}  # fresh workers, in the new directory
+    assert not {pid for pid, _ in moved} & {pid for pid, _ in first}
+
+
 def test_a_failing_shard_raises_its_own_error_after_the_others_finished(tmp_path):
     with pytest.raises(BadMaskError, match="three is refused") as caught:
         map_shards(_fail_on_three, [(n, tmp_path) for n in range(6)], label="t",
