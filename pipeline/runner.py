@@ -108,17 +108,23 @@ def map_shards(task: Callable[[T], R], items: Sequence[T], *, label: str,
 
 
 def _map_processes(settled, items: list, label: str, workers: int) -> list[_Outcome]:
-    """Tasks handed to worker processes one at a time, in item order (stages put their
-    largest shards first and the remainder last, so the workers finish together)."""
+    """Tasks handed to worker processes one at a time, in item order (a split's short last
+    shard comes last, so the workers finish together). Interrupted, the tasks not yet started
+    are cancelled."""
     with _worker_pool(workers) as pool:
         futures = [pool.submit(settled, item) for item in items]
-        if show_progress():
-            from rich.progress import Progress
-            with Progress(transient=True) as progress:
-                tid = progress.add_task(label, total=len(items))
-                for _ in as_completed(futures):
-                    progress.advance(tid)
-        return [f.result() for f in futures]
+        try:
+            if show_progress():
+                from rich.progress import Progress
+                with Progress(transient=True) as progress:
+                    tid = progress.add_task(label, total=len(items))
+                    for _ in as_completed(futures):
+                        progress.advance(tid)
+            return [f.result() for f in futures]
+        except BaseException:
+            for future in futures:
+                future.cancel()
+            raise
 
 
 # Worker processes outlive one map: the stages of one run (`geopixeld build`, the benchmark)

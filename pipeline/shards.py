@@ -96,8 +96,8 @@ def compression(schema: pa.Schema) -> dict[str, str]:
 
 def write_table(path: Path, table: pa.Table, row_group_size: int | None = None) -> Path:
     """Write one Parquet file atomically (codecs by `compression`). Binary columns get neither
-    a dictionary nor min/max statistics: images are unique, and statistics would copy two
-    whole images into every page header."""
+    a dictionary nor min/max statistics: images are unique, their bytes' order means nothing,
+    and a dictionary of whole images made writing and reading slow."""
     small = [name for field in table.schema for name, dtype in _leaf_columns(field)
              if not _is_bytes(dtype)]
     with atomic_path(path) as tmp:
