@@ -8,6 +8,7 @@ problem, exit code 2, and no half-written output.
 from __future__ import annotations
 
 import json
+import os
 import sys
 from pathlib import Path
 from typing import Annotated, Optional, Sequence
@@ -16,7 +17,7 @@ import typer
 from rich.console import Console
 from rich.table import Table
 
-from pipeline.errors import GeoPixelDError
+from pipeline.errors import GeoPixelDError, printable
 from pipeline.params import Params, load_params, parse_params
 
 app = typer.Typer(
@@ -338,14 +339,26 @@ def masks_argv(args: Sequence[str]) -> list[str]:
 
 
 def main() -> None:
-    """Console entry point: user mistakes become one line on stderr and exit code 2."""
+    """Console entry point. Every failure ends as one line on stderr: a user mistake exits 2,
+    a backend that kept failing exits 3 (`GeoPixelDError.exit_code`), an interrupt 130, and
+    an unexpected error 1 (GEOPIXELD_DEBUG=1 shows its traceback)."""
     try:
         # `--masks dota DIR`: click options take a fixed number of values, so the path after
         # dota/coco/geojson is passed on as the hidden --masks-path
         app(args=masks_argv(sys.argv[1:]))
     except GeoPixelDError as exc:
         print(exc.one_line(), file=sys.stderr)
-        sys.exit(2)
+        sys.exit(exc.exit_code)
+    except KeyboardInterrupt:
+        print("interrupted: no output folder was replaced; answers already paid for are kept "
+              "in the response cache", file=sys.stderr)
+        sys.exit(130)
+    except Exception as exc:  # the last guard: a bug, still one line (and no secret) for a user
+        if os.environ.get("GEOPIXELD_DEBUG"):
+            raise
+        print(printable(f"internal error: {type(exc).__name__}: {exc} (set GEOPIXELD_DEBUG=1 "
+                        "for the traceback and report it)"), file=sys.stderr)
+        sys.exit(1)
 
 
 if __name__ == "__main__":

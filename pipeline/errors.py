@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import unicodedata
 from pathlib import Path
 
 
@@ -9,6 +10,8 @@ class GeoPixelDError(Exception):
     """A problem with the user's input or parameters, tied to a file where there is one."""
 
     kind = "error"
+    # the CLI's exit code: 2 = a problem with the user's input, parameters or output folder
+    exit_code = 2
 
     def __init__(self, message: str, path: str | Path | None = None):
         super().__init__(message)
@@ -21,7 +24,24 @@ class GeoPixelDError(Exception):
 
     def one_line(self) -> str:
         where = f"{self.path}: " if self.path else ""
-        return f"{self.kind}: {where}{self.message}".replace("\n", " ")
+        return printable(f"{self.kind}: {where}{self.message}")
+
+
+def printable(text: str) -> str:
+    """`text` safe to show on a terminal as one line: line breaks become spaces, and control,
+    format (bidi overrides, zero-width) and other invisible characters are shown as escapes
+    (`\\x1b`, `\\u202e`), so user text can neither forge lines nor restyle the terminal."""
+    out = []
+    for ch in str(text):
+        if ch in "\r\n\t":
+            out.append(" ")
+        elif unicodedata.category(ch) in {"Cc", "Cf", "Cs", "Co", "Cn", "Zl", "Zp"}:
+            code = ord(ch)
+            out.append(f"\\x{code:02x}" if code < 0x100 else f"\\u{code:04x}" if code < 0x10000
+                       else f"\\U{code:08x}")
+        else:
+            out.append(ch)
+    return "".join(out)
 
 
 class BadImageError(GeoPixelDError):
@@ -70,3 +90,43 @@ class BadRecordError(GeoPixelDError):
     """A record that fails validation (tags, [SEG] count, ...)."""
 
     kind = "bad record"
+
+
+class OutputFolderError(GeoPixelDError):
+    """An output folder the stage may not replace: the user's own files, an input, a file,
+    or a folder another run is writing."""
+
+    kind = "output folder"
+
+
+class BadShardError(GeoPixelDError):
+    """A shard that is not Parquet, or holds another record type than the stage reads."""
+
+    kind = "bad shard"
+
+
+class BadCacheError(GeoPixelDError):
+    """A response cache that is corrupt, a folder, or cannot be written."""
+
+    kind = "response cache"
+
+
+class BadDecisionsError(GeoPixelDError):
+    """A review decisions file that cannot be read or holds a malformed decision."""
+
+    kind = "bad decisions"
+
+
+class SchedulerError(GeoPixelDError):
+    """A dask scheduler that cannot be reached."""
+
+    kind = "scheduler"
+
+
+class BackendFailureError(GeoPixelDError):
+    """Too many requests still failed after their retries (API down, 5xx, empty or refused
+    answers). Paid answers are kept in the response cache; the next run re-asks only the
+    failed ones. Exit code 3: not the user's input, try again later."""
+
+    kind = "backend failed"
+    exit_code = 3

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import shutil
 import sys
 from pathlib import Path
 
@@ -31,3 +32,27 @@ def venv_env() -> dict[str, str]:
     env.pop("DASK_SCHEDULER_ADDRESS", None)
     env["CI"] = "1"
     return env
+
+
+@pytest.fixture(scope="session")
+def built_workspace(tmp_path_factory) -> Path:
+    """A user's folder after `geopixeld build --split val` with the template backend: params.yaml,
+    data/isaid/val, reviews/ and build/. Shared by the session: copy it before changing it
+    (the `workspace` fixture does)."""
+    from hostile import run_cli
+
+    root = tmp_path_factory.mktemp("built") / "ws"
+    (root / "data" / "isaid").mkdir(parents=True)
+    shutil.copytree(ISAID / "val", root / "data" / "isaid" / "val")
+    shutil.copy(REPO / "params.yaml", root / "params.yaml")
+    (root / "reviews").mkdir()
+    (root / "reviews" / "decisions.jsonl").write_text("")
+    proc = run_cli(["build", "--split", "val", "--out", "build"], root)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    return root
+
+
+@pytest.fixture()
+def workspace(built_workspace, tmp_path) -> Path:
+    """A private copy of `built_workspace` that a test may change."""
+    return Path(shutil.copytree(built_workspace, tmp_path / "ws", symlinks=True))
