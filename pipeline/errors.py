@@ -27,12 +27,39 @@ class GeoPixelDError(Exception):
         return printable(f"{self.kind}: {where}{self.message}")
 
 
+# secrets of this process (API keys): never written or printed, whole or by an 8+ char prefix
+_SECRETS: set[str] = set()
+SECRET_PREFIX = 8
+REDACTED = "[redacted]"
+
+
+def register_secret(value: str | None) -> None:
+    """Remember a secret (an API key) so that `scrub` removes it from every text."""
+    if value and len(value) >= SECRET_PREFIX:
+        _SECRETS.add(value)
+
+
+def scrub(text: str, secrets: "set[str] | None" = None) -> str:
+    """`text` with every registered secret, and any prefix of one of 8 or more characters,
+    replaced by [redacted]."""
+    for secret in secrets if secrets is not None else _SECRETS:
+        head = secret[:SECRET_PREFIX]
+        start = text.find(head)
+        while start != -1:
+            end = start + SECRET_PREFIX
+            while end < len(text) and end - start < len(secret) and text[end] == secret[end - start]:
+                end += 1
+            text = text[:start] + REDACTED + text[end:]
+            start = text.find(head, start + len(REDACTED))
+    return text
+
+
 def printable(text: str) -> str:
     """`text` safe to show on a terminal as one line: line breaks become spaces, and control,
     format (bidi overrides, zero-width) and other invisible characters are shown as escapes
     (`\\x1b`, `\\u202e`), so user text can neither forge lines nor restyle the terminal."""
     out = []
-    for ch in str(text):
+    for ch in scrub(str(text)):
         if ch in "\r\n\t":
             out.append(" ")
         elif unicodedata.category(ch) in {"Cc", "Cf", "Cs", "Co", "Cn", "Zl", "Zp"}:
