@@ -11,7 +11,7 @@ FULL   := $(VENV)/.installed-full
 # the extras the tests exercise; torch/torchvision are pinned to builds on local disk
 TEST_EXTRAS ?= dev,local,sam,train,geo
 
-.PHONY: setup setup-test demo test test-all bench clean
+.PHONY: setup setup-test browser demo test test-all bench clean
 
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
@@ -26,7 +26,11 @@ $(FULL): pyproject.toml | $(BIN)/python
 	touch $@ $(CORE)
 
 setup: $(CORE)
-setup-test: $(FULL)
+setup-test: $(FULL) browser
+
+# Debian's chromium for the browser test of the HTML report (installed when missing, if we may)
+browser:
+	@bash tools/install-browser.sh
 
 demo: setup
 	PATH="$(CURDIR)/$(BIN):$$PATH" $(BIN)/dvc repro

@@ -22,10 +22,12 @@ import os
 import sqlite3
 import threading
 import time
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Mapping, Optional, Sequence
+from typing import Any, Iterator, Mapping, Optional, Sequence
 
+from pipeline.errors import BadCacheError
 from pipeline.params import CacheParams
 from schemas import Response, Usage
 
@@ -59,6 +61,7 @@ _SETUP_RETRY_S = 0.01  # pause between tries while another process sets the file
 _KEYS_PER_QUERY = 500  # keys per lookup query, below SQLite's bound on host parameters
 _COLUMNS = ("key", "text", "raw_text", "backend", "model", "served_model", "prompt_tokens",
             "completion_tokens", "cost_usd", "latency_s", "attempts", "created_at")
+_BATCH_COLUMNS = ("input_file_id", "batch_id", "base_url", "keys", "status", "created_at")
 
 
 def cache_key(*, backend: str, model: str, prompt_version: str, prompt: str, image_sha256: str,
@@ -100,6 +103,32 @@ class OpenBatch:
     created_at: float
 
 
+def cache_error(exc: sqlite3.Error, path: Path, busy_timeout_s: float) -> BadCacheError:
+    """One line saying what is wrong with the cache file, from SQLite's error."""
+    text = str(exc)
+    name = getattr(exc, "sqlite_errorname", "") or ""
+    fix = "move it away (the next run starts a new cache) or set annotate.cache.path"
+    if name == "SQLITE_NOTADB" or "not a database" in text:
+        message = f"not an SQLite database (corrupt, or another kind of file); {fix}"
+    elif name.startswith("SQLITE_CORRUPT") or "malformed" in text:
+        message = f"corrupt or truncated ({text}); {fix}"
+    elif name.startswith("SQLITE_READONLY") or "readonly" in text:
+        message = "cannot be written (a read-only file or folder)"
+    elif name.startswith(("SQLITE_BUSY", "SQLITE_LOCKED")) or "locked" in text:
+        message = (f"busy: another process held it longer than annotate.cache.busy_timeout_s "
+                   f"({busy_timeout_s:g} s)")
+    elif name.startswith("SQLITE_CANTOPEN") or "unable to open" in text:
+        message = ("is a folder, not a file" if path.is_dir() else
+                   "cannot be opened (its folder cannot be written, or it is not a file)")
+    elif name.startswith("SQLITE_FULL") or "full" in text:
+        message = "cannot be written: the disk is full"
+    elif "no such column" in text or "no such table" in text:
+        message = f"not a response cache (its tables differ: {text}); {fix}"
+    else:
+        message = f"cannot be used ({text})"
+    return BadCacheError(message, path)
+
+
 def _answer(row: Sequence) -> CachedAnswer:
     r = dict(zip(_COLUMNS, row))
     return CachedAnswer(
@@ -125,8 +154,54 @@ class ResponseCache:
 
     @classmethod
     def from_params(cls, params: CacheParams) -> Optional["ResponseCache"]:
-        """The cache `annotate.cache` asks for, or None when it is disabled."""
-        return cls(params.path, params.busy_timeout_s) if params.enabled else None
+        """The cache `annotate.cache` asks for, checked (`check`), or None when it is
+        disabled."""
+        return cls(params.path, params.busy_timeout_s).check() if params.enabled else None
+
+    def check(self) -> "ResponseCache":
+        """Open the cache and read its tables, so that a cache file that is corrupt, truncated,
+        a folder, another program's database, or that cannot be written stops a run at set-up
+        as one `BadCacheError` naming the file, not in the middle of the run."""
+        with self._lock:
+            conn = self._connection()
+            with self._guard():
+                self._refuse_foreign(conn, set_up=True)
+                conn.execute("SELECT key FROM responses LIMIT 1").fetchall()
+            for where in (self.path, self.path.parent):
+                if where.exists() and not os.access(where, os.W_OK):
+                    what = "the file" if where == self.path else "its folder"
+                    raise BadCacheError(f"cannot be written ({what} is read-only)", self.path)
+        return self
+
+    def _refuse_foreign(self, conn: sqlite3.Connection, set_up: bool = False) -> None:
+        """Refuse, before anything is written to it, a database that holds tables but not the
+        cache's (another program's file): the cache never changes a file it did not make.
+        After set-up (`set_up`) both tables must be there."""
+        tables = {row[0] for row in
+                  conn.execute("SELECT name FROM sqlite_master WHERE type = 'table'")}
+        if not tables and not set_up:
+            return  # a new (or zero-byte) file: set up below
+        for table, schema in (("responses", _COLUMNS), ("batches", _BATCH_COLUMNS)):
+            if table not in tables and not set_up and table == "batches":
+                continue  # a cache made before batch mode: the table is added
+            have = {row[1] for row in conn.execute(f"PRAGMA table_info({table})")}
+            missing = [c for c in schema if c not in have]
+            if missing:
+                what = (f"table {table} has no column {missing[0]}" if have else
+                        f"no table {table}")
+                raise BadCacheError(f"not a response cache ({what}); move it away or set "
+                                    "annotate.cache.path", self.path)
+
+    @contextmanager
+    def _guard(self) -> Iterator[None]:
+        """SQLite and file-system errors as one `BadCacheError` naming the cache file."""
+        try:
+            yield
+        except sqlite3.Error as exc:
+            raise cache_error(exc, self.path, self.busy_timeout_s) from None
+        except OSError as exc:
+            reason = os.strerror(exc.errno) if exc.errno else str(exc)
+            raise BadCacheError(f"cannot be created or opened ({reason})", self.path) from None
 
     def __getstate__(self) -> dict:
         return {"path": self.path, "busy_timeout_s": self.busy_timeout_s}
@@ -136,13 +211,28 @@ class ResponseCache:
 
     def _connection(self) -> sqlite3.Connection:
         if self._conn is None or self._pid != os.getpid():
-            self.path.parent.mkdir(parents=True, exist_ok=True)
-            conn = sqlite3.connect(self.path, timeout=self.busy_timeout_s,
-                                   isolation_level=None, check_same_thread=False)
-            conn.execute(f"PRAGMA busy_timeout = {int(self.busy_timeout_s * 1000)}")
-            self._set_up(conn)
-            # WAL + NORMAL: a committed answer survives a killed process (not a power cut).
-            conn.execute("PRAGMA synchronous = NORMAL")
+            with self._guard():
+                if self.path.is_dir():
+                    raise BadCacheError("is a folder, not a file", self.path)
+                for folder in self.path.parents:
+                    if folder.exists():
+                        if not folder.is_dir():
+                            raise BadCacheError(f"cannot be created: {folder} is a file, not "
+                                                "a folder", self.path)
+                        break
+                self.path.parent.mkdir(parents=True, exist_ok=True)
+                conn = sqlite3.connect(self.path, timeout=self.busy_timeout_s,
+                                       isolation_level=None, check_same_thread=False)
+                try:
+                    conn.execute(f"PRAGMA busy_timeout = {int(self.busy_timeout_s * 1000)}")
+                    self._refuse_foreign(conn)
+                    self._set_up(conn)
+                    # WAL + NORMAL: a committed answer survives a killed process (not a power
+                    # cut).
+                    conn.execute("PRAGMA synchronous = NORMAL")
+                except BaseException:
+                    conn.close()
+                    raise
             self._conn, self._pid = conn, os.getpid()
         return self._conn
 
@@ -165,7 +255,7 @@ class ResponseCache:
                 time.sleep(_SETUP_RETRY_S)
 
     def get(self, key: str) -> Optional[CachedAnswer]:
-        with self._lock:
+        with self._lock, self._guard():
             row = self._connection().execute(
                 f"SELECT {', '.join(_COLUMNS)} FROM responses WHERE key = ?", (key,)).fetchone()
         return None if row is None else _answer(row)
@@ -176,7 +266,7 @@ class ResponseCache:
         unique = list(dict.fromkeys(keys))
         for start in range(0, len(unique), _KEYS_PER_QUERY):
             chunk = unique[start:start + _KEYS_PER_QUERY]
-            with self._lock:
+            with self._lock, self._guard():
                 rows = self._connection().execute(
                     f"SELECT {', '.join(_COLUMNS)} FROM responses WHERE key IN "
                     f"({', '.join('?' * len(chunk))})", chunk).fetchall()
@@ -195,7 +285,7 @@ class ResponseCache:
                   response.backend, response.model, served_model or response.model,
                   response.usage.prompt_tokens, response.usage.completion_tokens,
                   response.cost_usd, response.latency_s, response.attempts, time.time())
-        with self._lock:
+        with self._lock, self._guard():
             cur = self._connection().execute(
                 f"{verb} INTO responses ({', '.join(_COLUMNS)}) "
                 f"VALUES ({', '.join('?' * len(_COLUMNS))})", values)
@@ -206,7 +296,7 @@ class ResponseCache:
     def add_batch_file(self, input_file_id: str, base_url: str, keys: Mapping[str, int]) -> None:
         """Record an uploaded batch input file and the keys it asks (key -> re-ask number),
         before a batch is created from it."""
-        with self._lock:
+        with self._lock, self._guard():
             self._connection().execute(
                 "INSERT OR REPLACE INTO batches (input_file_id, batch_id, base_url, keys, status, "
                 "created_at) VALUES (?, NULL, ?, ?, 'open', ?)",
@@ -214,14 +304,14 @@ class ResponseCache:
 
     def set_batch_id(self, input_file_id: str, batch_id: str) -> None:
         """Record the batch created from an input file (committed before any poll)."""
-        with self._lock:
+        with self._lock, self._guard():
             self._connection().execute(
                 "UPDATE batches SET batch_id = ? WHERE input_file_id = ?",
                 (batch_id, input_file_id))
 
     def open_batches(self, base_url: str) -> list["OpenBatch"]:
         """Batches of this server not yet collected, oldest first."""
-        with self._lock:
+        with self._lock, self._guard():
             rows = self._connection().execute(
                 "SELECT input_file_id, batch_id, keys, created_at FROM batches "
                 "WHERE status = 'open' AND base_url = ? ORDER BY created_at, input_file_id",
@@ -231,13 +321,13 @@ class ResponseCache:
 
     def close_batch(self, input_file_id: str, status: str) -> None:
         """Mark a batch collected (its answers are stored) or given up, with its final status."""
-        with self._lock:
+        with self._lock, self._guard():
             self._connection().execute(
                 "UPDATE batches SET status = ? WHERE input_file_id = ?",
                 (status, input_file_id))
 
     def __len__(self) -> int:
-        with self._lock:
+        with self._lock, self._guard():
             return self._connection().execute("SELECT COUNT(*) FROM responses").fetchone()[0]
 
     def __contains__(self, key: str) -> bool:

@@ -2,16 +2,20 @@
 
 `clean_output(text, request, limits)` either returns the text ready to weave into a caption
 (with the list of fixes it applied) or refuses it with a reason code. Fixes are made only where
-they cannot change what the answer says: markdown, "Sure, here is..." preambles, wrapping
-quotes, a leaked set-of-marks number whose removal leaves a sound sentence, sentences beyond
-what the prompt asked for, a run-away repetition after complete sentences. Anything else that
-is wrong is refused, so that the backend can re-ask and, failing that, record the failure.
+they cannot change what the answer says: the text rule (`pipeline.text.normalise_text`:
+terminal escape sequences, bidi controls, zero-width and other invisible characters removed,
+NFC), markdown, "Sure, here is..." preambles, wrapping quotes, a leaked set-of-marks number
+whose removal leaves a sound sentence, sentences beyond what the prompt asked for, a run-away
+repetition after complete sentences. Anything else that is wrong is refused, so that the
+backend can re-ask and, failing that, record the failure.
 
 Reason codes:
   ok           accepted (possibly with fixes)
   empty        nothing but whitespace or punctuation
-  junk         not prose: control characters, mojibake, JSON, base64-like runs, mostly
-               non-letters, another script
+  junk         not prose: control characters (outside an escape sequence: NUL, BEL, a lone
+               ESC, DEL, C1; a broken decode, not something a model copied from text),
+               surrogates, private-use or unassigned code points, mojibake, JSON,
+               base64-like runs, mostly non-letters, another script
   tags         markup that could forge or break grounding: "<p>", "</p>", "[SEG]", any
                HTML/XML tag, special tokens, any "<" or ">"
   refusal      "I'm sorry", "I cannot", "As an AI", "unable to" ...
@@ -30,6 +34,7 @@ import unicodedata
 from dataclasses import dataclass, field
 from typing import Mapping, Optional
 
+from pipeline.text import ESCAPE_SEQUENCE_RE, normalise_text
 from schemas import Request
 
 REASONS = ("ok", "empty", "junk", "tags", "refusal", "mark_number", "repetition", "too_short",
@@ -197,6 +202,7 @@ def clean_output(text: str, request: Request,
         if not isinstance(text, str) or not text.strip():
             raise _Refused("empty")
         _refuse_junk_characters(text)
+        text = _normalise(text, fixes)
         text = _strip_markdown(text, fixes)
         if _TAGS.search(text):
             raise _Refused("tags", _TAGS.search(text).group())
@@ -228,8 +234,20 @@ def clean_output(text: str, request: Request,
     return Cleaned(text, "ok", tuple(fixes))
 
 
+def _normalise(text: str, fixes: list[str]) -> str:
+    """The text rule, lines kept for the markdown pass: escape sequences, bidi controls,
+    zero-width and other invisible characters removed (fix "unsafe_characters"), NFC."""
+    normalised = normalise_text(text, one_line=False)
+    if normalised != normalise_text(text, one_line=False, drop_unsafe=False):
+        fixes.append("unsafe_characters")
+    if not normalised.strip():
+        raise _Refused("empty")
+    return normalised
+
+
 def _refuse_junk_characters(text: str) -> None:
-    for ch in text:
+    # an escape sequence is removed by the text rule; a control character outside one is junk
+    for ch in ESCAPE_SEQUENCE_RE.sub("", text):
         cat = unicodedata.category(ch)
         if (cat == "Cc" and ch not in "\n\t\r") or cat in ("Cs", "Co", "Cn"):
             raise _Refused("junk", f"control character U+{ord(ch):04X}")

@@ -14,7 +14,15 @@ no HTTP call; its usage and cost are those of the original call, so the spend of
 the sum over cached=False responses) and each success is stored as soon as it arrives.
 
 The API key is read from the environment variable named by `openai.api_key_env` when a run
-starts; it is never stored on the backend, in the cache, in a response or in a message.
+starts (and registered with `pipeline.errors.register_secret` in the process that reads it, a
+worker process included); it is never stored on the backend, in the cache, in a response or in a
+message: answers and error texts are scrubbed of it (whole, or any 8+ character prefix) before
+they are cleaned, cached or recorded. Credentials in `base_url` (https://user:pass@host) are
+registered alike and `public_url` leaves them out wherever the server is named.
+
+A 200 answer without choices, or whose content is empty or missing, is a failed attempt
+(retried, then recorded as failed), never an empty answer. The stage fails when too many
+requests still fail (`pipeline.failure_policy`).
 
 Two request kinds besides the paper's passes: `instance_batch` (every mark of a patch in one
 call) is sent with structured output (a JSON schema) and its answer is split into per-mark
@@ -35,6 +43,7 @@ import re
 import os
 import random
 import time
+from urllib.parse import urlsplit, urlunsplit
 from collections import Counter
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
@@ -47,7 +56,7 @@ import numpy as np
 from annotators.base import AnnotationContext
 from annotators.cache import CachedAnswer, ResponseCache, cache_key
 from annotators.cleaning import Cleaned, CleaningLimits, clean_output, drop_unfinished_sentence
-from pipeline.errors import BadImageError, BadParamsError
+from pipeline.errors import BadImageError, BadParamsError, register_secret, scrub
 from pipeline.imaging import PNG_SIGNATURE
 from pipeline.params import BackendParams, OpenAIParams
 from schemas import Request, Response, Usage
@@ -113,13 +122,48 @@ def answer_for(request: Request, answer: Response) -> Response:
 
 
 def api_key(params: OpenAIParams) -> str:
-    """The key from the environment variable `params.api_key_env` names."""
+    """The key from the environment variable `params.api_key_env` names, registered as a
+    secret of this process (with any credentials in `base_url`), so that no text this process
+    writes or prints holds it."""
+    register_url_secrets(params.base_url)
     key = os.environ.get(params.api_key_env, "").strip()
     if not key:
         raise BadParamsError(
             f"annotate.backend.openai.api_key_env: environment variable {params.api_key_env} "
             f"is not set (it must hold the API key; any value for a server without keys)")
+    register_secret(key)
     return key
+
+
+def _userinfo(url: str) -> str:
+    netloc = urlsplit(url).netloc
+    return netloc.rpartition("@")[0] if "@" in netloc else ""
+
+
+def register_url_secrets(url: str) -> None:
+    """Register the credentials of a URL (user:pass@, and the password alone) as secrets."""
+    userinfo = _userinfo(url)
+    if userinfo:
+        register_secret(userinfo)
+        register_secret(userinfo.partition(":")[2])
+
+
+def public_url(url: str) -> str:
+    """`url` without its credentials (https://user:pass@host/v1 -> https://host/v1): the form
+    in which a server is named in messages, reports and the cache."""
+    parts = urlsplit(url)
+    if "@" not in parts.netloc:
+        return url
+    return urlunsplit(parts._replace(netloc=parts.netloc.rpartition("@")[2]))
+
+
+_URL_USERINFO = re.compile(r"(?<=://)[^/@\s]+@")
+
+
+def redact(text: str) -> str:
+    """`text` without registered secrets (API keys, whole or by an 8+ character prefix) or any
+    URL's credentials: what answers and error texts pass through before they are kept."""
+    return scrub(_URL_USERINFO.sub("", text)) if text else text
 
 
 def generation_params(params: BackendParams, kind: Optional[str] = None) -> dict:
@@ -245,6 +289,13 @@ def async_http_client(params: OpenAIParams) -> Optional[object]:
     """The HTTP client `openai.http_client` asks for: openai's aiohttp transport (less CPU per
     call) or None for the client's default httpx one."""
     if params.http_client == "httpx":
+        return None
+    if _userinfo(params.base_url):
+        # aiohttp refuses credentials in the URL next to the client's Authorization header
+        # (every request would fail); httpx sends them
+        if params.http_client == "aiohttp":
+            raise BadParamsError("annotate.backend.openai.http_client: aiohttp cannot send the "
+                                 "credentials in base_url; use httpx (or auto)")
         return None
     try:
         import openai
@@ -447,12 +498,8 @@ class _Run:
 
     def _failed(self, request: Request, error: str, **fields: object) -> Response:
         self.stats.failed += 1
-        return self._response(request, status="failed", error=self._scrub(error)[:ERROR_CHARS],
+        return self._response(request, status="failed", error=redact(error)[:ERROR_CHARS],
                               **fields)
-
-    def _scrub(self, text: str) -> str:
-        key = os.environ.get(self.o.api_key_env, "").strip()
-        return text.replace(key, "***") if key else text
 
     async def answer(self, request: Request, key: str) -> Response:
         """The answer to one request: from the cache, or asked (and re-asked while cleaning
@@ -462,11 +509,11 @@ class _Run:
         if cache is not None:
             hit = self.hits.get(key)
             if hit is not None:
-                cleaned = clean_answer(hit.raw_text, request, self.limits)
+                cleaned = clean_answer(redact(hit.raw_text), request, self.limits)
                 if cleaned.ok:
                     self.stats.cache_hits += 1
                     return self._response(
-                        request, status="ok", text=cleaned.text, usage=hit.usage,
+                        request, status="ok", text=redact(cleaned.text), usage=hit.usage,
                         cost_usd=hit.cost_usd, latency_s=hit.latency_s, attempts=hit.attempts,
                         cached=True)
                 stale = True  # stored before a cleaning rule that now refuses it
@@ -491,7 +538,8 @@ class _Run:
             prompt_tokens += call.usage.prompt_tokens
             completion_tokens += call.usage.completion_tokens
             cost += self.backend.cost(call.usage, call.served_model)
-            raw = without_cut_sentence(call.text, request, call.finish_reason)
+            # scrubbed first: a key in an answer is never cleaned, cached or recorded
+            raw = redact(without_cut_sentence(call.text, request, call.finish_reason))
             cleaned = clean_answer(raw, request, self.limits)
             self.stats.cleaning_fixes.update(cleaned.fixes)
             if cleaned.ok and MARKS_MISSING in cleaned.fixes:
@@ -509,7 +557,7 @@ class _Run:
         if partial is not None:
             cleaned, raw, served_model = partial
             response = self._response(
-                request, status="ok", text=cleaned.text, cost_usd=cost,
+                request, status="ok", text=redact(cleaned.text), cost_usd=cost,
                 usage=Usage(prompt_tokens=prompt_tokens, completion_tokens=completion_tokens),
                 latency_s=time.monotonic() - started, attempts=attempts)
             if cache is not None:
@@ -579,9 +627,9 @@ class _Run:
                     raise _Retry(f"server error ({status})") from None
                 if status in SETUP_STATUSES:
                     raise BadParamsError(
-                        f"annotate.backend.openai: {self.o.base_url} answered HTTP {status} "
-                        f"({SETUP_STATUSES[status]}; model {self.backend.model!r}, key from "
-                        f"{self.o.api_key_env})") from None
+                        f"annotate.backend.openai: {public_url(self.o.base_url)} answered HTTP "
+                        f"{status} ({SETUP_STATUSES[status]}; model {self.backend.model!r}, key "
+                        f"from {self.o.api_key_env})") from None
                 raise _Fatal(f"HTTP {status}: {exc.message}") from None
             except openai.APITimeoutError as exc:
                 raise _Retry(_timeout_cause(exc)) from None
@@ -592,11 +640,19 @@ class _Run:
             except (ValueError, openai.APIResponseValidationError):
                 raise _Retry("malformed response") from None
         try:
-            choice = completion.choices[0]
+            choices = completion.choices
+        except AttributeError:
+            choices = None
+        if not choices:  # a 200 without an answer: a failed attempt, never an empty answer
+            raise _Retry("no choices in the answer")
+        try:
+            choice = choices[0]
             text = choice.message.content
             usage = completion.usage
         except (AttributeError, IndexError, TypeError):
             raise _Retry("malformed response") from None
+        if text is None or (isinstance(text, str) and not text.strip()):
+            raise _Retry("empty answer")
         if not isinstance(text, str):
             raise _Retry("malformed response")
         return _Call(attempts=attempt, text=text, finish_reason=choice.finish_reason,

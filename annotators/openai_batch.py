@@ -31,7 +31,8 @@ from annotators.cache import OpenBatch
 from annotators.cleaning import Cleaned
 from annotators.openai_backend import (
     ERROR_CHARS, MARKS_MISSING, RETRY_STATUSES, SETUP_STATUSES, OpenAIBackend, answer_for,
-    api_key, clean_answer, marks_count, retry_after_seconds, without_cut_sentence,
+    api_key, clean_answer, marks_count, public_url, redact, retry_after_seconds,
+    without_cut_sentence,
 )
 from pipeline.errors import BadImageError, BadParamsError
 from schemas import Request, Response, Usage
@@ -111,6 +112,8 @@ class _BatchRun:
         self.requests: dict[str, Request] = {}  # key -> the first request asking it
         self.outcomes: dict[str, _Outcome] = {}
         self.stale: set[str] = set()
+        # the server as the cache db knows it: without credentials (https://user:pass@host)
+        self.server = public_url(self.o.base_url)
 
     def _response(self, request: Request, **fields: object) -> Response:
         return Response(request_id=request.request_id, tile_id=request.tile_id,
@@ -129,11 +132,11 @@ class _BatchRun:
             hit = hits.get(key)
             if hit is None:
                 continue
-            cleaned = clean_answer(hit.raw_text, request, self.backend.limits)
+            cleaned = clean_answer(redact(hit.raw_text), request, self.backend.limits)
             if cleaned.ok:
                 self.stats.cache_hits += 1
                 answers[key] = self._response(
-                    request, status="ok", text=cleaned.text, usage=hit.usage,
+                    request, status="ok", text=redact(cleaned.text), usage=hit.usage,
                     cost_usd=hit.cost_usd, latency_s=hit.latency_s, attempts=hit.attempts,
                     cached=True)
             else:
@@ -163,7 +166,7 @@ class _BatchRun:
         self.stats.failed += 1
         error = outcome.error or (f"output cleaning refused {len(outcome.refusals)} answers: "
                                   f"{', '.join(outcome.refusals)}")
-        return self._response(request, status="failed", error=error[:ERROR_CHARS],
+        return self._response(request, status="failed", error=redact(error)[:ERROR_CHARS],
                               usage=outcome.usage, cost_usd=outcome.cost,
                               attempts=outcome.attempts)
 
@@ -189,7 +192,7 @@ class _BatchRun:
                 status = exc.status_code
                 if status in SETUP_STATUSES:
                     raise BadParamsError(
-                        f"annotate.backend.openai: {self.o.base_url} answered HTTP {status} to "
+                        f"annotate.backend.openai: {self.server} answered HTTP {status} to "
                         f"{what} ({SETUP_STATUSES[status]}; key from {self.o.api_key_env})"
                     ) from None
                 if status < 500 and status not in RETRY_STATUSES:
@@ -216,7 +219,7 @@ class _BatchRun:
         """Open batches of this server that answer some pending key, each with its batch id
         (a file left without a batch by a killed run gets one now)."""
         found = []
-        for batch in self.cache.open_batches(self.o.base_url):
+        for batch in self.cache.open_batches(self.server):
             if not pending & set(batch.keys):
                 continue
             if batch.batch_id is None:
@@ -294,7 +297,7 @@ class _BatchRun:
                                          purpose="batch")
                 self.stats.batch_files += 1
                 # recorded before the batch exists: a kill from here on loses no upload
-                self.cache.add_batch_file(uploaded.id, self.o.base_url, file_keys)
+                self.cache.add_batch_file(uploaded.id, self.server, file_keys)
                 jobs.append(self._create(OpenBatch(uploaded.id, None, file_keys, time.time())))
             except BatchCallError as exc:
                 for key in file_keys:
@@ -375,9 +378,19 @@ class _BatchRun:
                 outcome.error = (f"batch line HTTP {response.get('status_code')}: "
                                  f"{error.get('message', 'error')}")
             return key, None
+        last = ask >= self.o.clean_retries
+        if isinstance(body, dict) and body.get("choices") == []:
+            # a 200 without an answer: failed, asked again while re-asks are left
+            if outcome is not None and outcome.response is None:
+                outcome.attempts += 1
+                outcome.error = "no choices in the answer"
+                return key, (None if last else ask + 1)
+            return key, None
         try:
             choice = body["choices"][0]
             raw, finish = choice["message"]["content"], choice.get("finish_reason")
+            if isinstance(raw, str):  # scrubbed first: a key in an answer is never kept
+                raw = redact(raw)
             usage = Usage(prompt_tokens=body.get("usage", {}).get("prompt_tokens", 0) or 0,
                           completion_tokens=body.get("usage", {}).get("completion_tokens", 0) or 0)
         except (KeyError, IndexError, TypeError):
@@ -399,13 +412,16 @@ class _BatchRun:
                               + usage.completion_tokens)
         outcome.cost += cost
         outcome.attempts += 1
+        if raw is None or (isinstance(raw, str) and not raw.strip()):
+            # an empty answer: failed, asked again while re-asks are left
+            outcome.error = "empty answer"
+            return key, (None if last else ask + 1)
         if not isinstance(raw, str):
             outcome.error = "malformed batch output line"
             return key, None
         raw = without_cut_sentence(raw, request, finish)
         cleaned = clean_answer(raw, request, self.backend.limits)
         self.stats.cleaning_fixes.update(cleaned.fixes)
-        last = ask >= self.o.clean_retries
         if cleaned.ok and MARKS_MISSING in cleaned.fixes:
             if outcome.partial is None or marks_count(cleaned) > marks_count(outcome.partial[0]):
                 outcome.partial = (cleaned, raw, served)

@@ -47,7 +47,6 @@ from __future__ import annotations
 
 import contextlib
 import io
-import json
 import logging
 import re
 import shutil
@@ -61,8 +60,10 @@ from pycocotools.coco import COCO
 from pycocotools.cocoeval import COCOeval
 
 from pipeline import masks
-from pipeline.errors import BadAnnotationError, BadMaskError, EmptyInputError
+from pipeline.errors import BadAnnotationError, BadMaskError, EmptyInputError, printable
+from pipeline.geometry import check_rle
 from pipeline.shards import list_shards, read_records, write_json
+from pipeline.user_files import read_user_json
 from schemas import RLE, GroundedRecord
 
 log = logging.getLogger(__name__)
@@ -187,20 +188,11 @@ def load_ground_truth(records_dir: Path, split: str) -> list[GTItem]:
 
 
 def _prediction_rle(value: Any, where: str, path: Path) -> RLE:
-    if not isinstance(value, dict) or "size" not in value or "counts" not in value:
-        raise BadAnnotationError(f"{where}: a mask must be an RLE object {{size, counts}}",
-                                 path=path)
-    size, counts = value["size"], value["counts"]
-    if (not isinstance(size, list) or len(size) != 2
-            or not all(isinstance(s, int) and s > 0 for s in size)):
-        raise BadAnnotationError(f"{where}: size must be [height, width], got {size!r}", path=path)
+    # typed size, counts covering the frame exactly (pipeline.geometry), before any decoding
+    checked = check_rle(value, None, None, where, path)
+    size, counts = checked["size"], checked["counts"]
     if isinstance(counts, list):
-        if (not all(isinstance(c, int) and c >= 0 for c in counts)
-                or sum(counts) != size[0] * size[1]):
-            raise BadAnnotationError(f"{where}: uncompressed counts do not cover {size}", path=path)
         counts = mask_utils.frPyObjects({"size": size, "counts": counts}, *size)["counts"].decode()
-    if not isinstance(counts, str):
-        raise BadAnnotationError(f"{where}: counts must be a string or a list of ints", path=path)
     return RLE(size=size, counts=counts)
 
 
@@ -229,9 +221,9 @@ def load_predictions(path: Path) -> list[PredItem]:
     """Read a predictions JSON file (format in the module docstring)."""
     path = Path(path)
     try:
-        payload = json.loads(path.read_text(encoding="utf-8"))
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as err:
-        raise BadAnnotationError(f"cannot read predictions: {err}", path=path) from err
+        payload = read_user_json(path, "the file")
+    except BadAnnotationError as err:
+        raise BadAnnotationError(f"cannot read predictions: {err.message}", path=path) from None
     if not isinstance(payload, list):
         raise BadAnnotationError("predictions must be a JSON array of per-image objects",
                                  path=path)
@@ -498,9 +490,13 @@ def run_evaluate_stage(params: Any, records_dir: Path, checkpoint_dir: Path | No
 
     from pipeline.shards import staged_folder
 
+    from pipeline.output_folders import check_output_file
+
     ev = params.evaluate
     out_dir = Path(out_dir)
-    with staged_folder(out_dir) as staging:
+    check_output_file(out_metrics, [records_dir, checkpoint_dir, predictions_path])
+    with staged_folder(out_dir, stage="evaluate",
+                       inputs=[records_dir, checkpoint_dir, predictions_path]) as staging:
         if predictions_path is not None:
             source: dict[str, Any] = {"predictions": str(predictions_path)}
             read_from = Path(predictions_path)
@@ -514,7 +510,7 @@ def run_evaluate_stage(params: Any, records_dir: Path, checkpoint_dir: Path | No
         else:
             reason = ("no predictions file and no trained checkpoint"
                       + (f" in {checkpoint_dir}" if checkpoint_dir is not None else ""))
-            print(f"evaluate skipped: {reason}", file=sys.stderr)
+            print(printable(f"evaluate skipped: {reason}"), file=sys.stderr)
             result = {"evaluated": False, "reason": reason}
             write_json(staging / "report.json", result)
             read_from = None

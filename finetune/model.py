@@ -18,7 +18,6 @@ from `sam_config.json` beside the weights (`SamShape` fields) for SAM-family var
 
 from __future__ import annotations
 
-import json
 import re
 from dataclasses import asdict, dataclass, field
 from functools import partial
@@ -30,6 +29,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from pipeline.errors import BadParamsError
+from pipeline.user_files import read_user_json
 
 SAM_CONFIG_NAME = "sam_config.json"
 IGNORE_INDEX = -100
@@ -102,10 +102,10 @@ def sam_shape(model_type: str, checkpoint_path: str | Path | None) -> SamShape:
         raise BadParamsError("finetune.sam_model_type custom needs sam_checkpoint_path")
     config = Path(checkpoint_path).parent / SAM_CONFIG_NAME
     try:
-        raw = json.loads(config.read_text())
+        raw = read_user_json(config, SAM_CONFIG_NAME, error=BadParamsError)
         return SamShape(**{**raw, "encoder_global_attn_indexes":
                            tuple(raw["encoder_global_attn_indexes"])})
-    except (OSError, json.JSONDecodeError, TypeError, KeyError) as err:
+    except (TypeError, KeyError) as err:
         raise BadParamsError(f"cannot read a SAM shape ({type(err).__name__}: {err})",
                              config) from None
 

@@ -30,6 +30,7 @@ from pipeline.errors import BadParamsError
 from pipeline.geopixel_format import SEG
 from pipeline.params import EvaluateParams
 from pipeline.shards import atomic_path
+from pipeline.user_files import read_user_json
 
 SPEC_FILE = "geopixel.json"
 TRAINED_PHRASE_RE = re.compile(r"<p>\s*(.*?)\s*</p>\s*$", re.S)
@@ -57,7 +58,9 @@ def load_checkpoint(folder: Path, device: torch.device, bf16: bool
     folder = Path(folder)
     if not is_checkpoint(folder):
         raise BadParamsError(f"not a GeoPixel checkpoint (no {SPEC_FILE})", folder)
-    raw = json.loads((folder / SPEC_FILE).read_text())
+    raw = read_user_json(folder / SPEC_FILE, "checkpoint spec", error=BadParamsError)
+    if not isinstance(raw, dict):
+        raise BadParamsError("checkpoint spec is not a JSON object", folder / SPEC_FILE)
     spec = ModelSpec(**{k: v for k, v in raw.items() if k in ModelSpec.__dataclass_fields__})
     model, processor = load_geopixel_model(spec, device, bf16,
                                            processor_path=folder / "processor")

@@ -9,6 +9,7 @@ from __future__ import annotations
 import sys
 from pathlib import Path
 
+from pipeline.errors import printable
 from pipeline.params import Params
 from pipeline.shards import staged_folder, write_json
 
@@ -22,9 +23,9 @@ def run_finetune(params: Params, parquet_dir: Path, out_dir: Path,
     """Fine-tune (finetune.train), or skip cleanly when no base model path is set."""
     if not params.finetune.base_model_path.strip():
         reason = "finetune.base_model_path is empty (set it in params.yaml to train)"
-        print(f"finetune skipped: {reason}", file=sys.stderr)
+        print(printable(f"finetune skipped: {reason}"), file=sys.stderr)
         report = skip_report(reason)
-        with staged_folder(Path(out_dir)) as staging:
+        with staged_folder(Path(out_dir), stage="finetune", inputs=[parquet_dir]) as staging:
             write_json(staging / "report.json", report)
         return report
     from finetune.train import train_from_params

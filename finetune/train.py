@@ -124,7 +124,7 @@ def save_checkpoint(folder: Path, model: GeoPixelModel, processor: Any, spec: Mo
     """Write a checkpoint folder whole or not at all (weights, adapter, processor, trainer)."""
     from safetensors.torch import save_file
 
-    with staged_folder(Path(folder)) as staging:
+    with staged_folder(Path(folder), stage="finetune-checkpoint") as staging:
         save_file({k: v.contiguous().cpu() for k, v in model.trainable_state().items()},
                   str(staging / WEIGHTS_FILE))
         model.lm.save_pretrained(str(staging / "adapter"))
@@ -299,7 +299,7 @@ def train_from_params(params: Params, parquet_dir: Path, out_dir: Path,
               f"run it again to resume from {work}", file=sys.stderr)
         return report
     final = latest_checkpoint(work)
-    with staged_folder(out_dir) as staging:
+    with staged_folder(out_dir, stage="finetune", inputs=[parquet_dir, work]) as staging:
         for item in final.iterdir():
             target = staging / item.name
             (shutil.copytree if item.is_dir() else shutil.copy2)(item, target)

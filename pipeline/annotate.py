@@ -22,6 +22,7 @@ from typing import Sequence
 from annotators.base import (REGISTRY, AnnotationContext, Backend, get_backend,
                              local_scheduler_for)
 from pipeline.errors import BadParamsError, EmptyInputError
+from pipeline.failure_policy import check_annotate
 from pipeline.params import BackendParams, CacheParams, Params
 from pipeline.runner import map_shards
 from pipeline.shards import list_shards, read_records, staged_folder, write_json, write_records
@@ -231,15 +232,19 @@ def stage_report(kind: str, backend: BackendParams, shards: Sequence[dict]) -> d
 
 def run_annotate(params: Params, kind: str, tiles_dir: Path, plan_dir: Path, out_dir: Path,
                  scheduler: str | None = None) -> dict:
-    """Answer every `kind` request of the plan; write `out_dir/<shard>` and `report.json`."""
+    """Answer every `kind` request of the plan; write `out_dir/<shard>` and `report.json`.
+    More failed requests than `annotate.max_failed_share` allows raise BackendFailureError and
+    keep the previous `out_dir` (`pipeline.failure_policy`)."""
     if kind not in KINDS:
         raise BadParamsError(f"unknown annotation pass {kind!r}; expected one of {list(KINDS)}")
     backend = params.annotate.backend
     if backend.name not in REGISTRY:
         raise BadParamsError(f"annotate.backend.name: backend {backend.name!r} is not available "
-                             f"here; available: {sorted(REGISTRY)}", "params.yaml")
-    # set-up mistakes (a missing API key, ...) stop here, before any work
-    local = local_scheduler_for(get_backend(backend), params.runner.local_scheduler)
+                             f"here; available: {sorted(REGISTRY)}", backend.where("name"))
+    # set-up mistakes (a missing API key, ...) stop here, before any work (with the cache's
+    # settings: batch mode needs one; it is not opened here)
+    made = get_backend(backend, cache=params.annotate.cache)
+    local = local_scheduler_for(made, params.runner.local_scheduler)
     tiles_dir, plan_dir, out_dir = Path(tiles_dir), Path(plan_dir), Path(out_dir)
     requests_dir = plan_dir / "requests" / kind
     if not requests_dir.is_dir():
@@ -254,7 +259,8 @@ def run_annotate(params: Params, kind: str, tiles_dir: Path, plan_dir: Path, out
     # workers may run elsewhere: the cache path must not depend on their working directory
     cache = params.annotate.cache.model_copy(
         update={"path": str(Path(params.annotate.cache.path).resolve())})
-    with staged_folder(out_dir) as staging:
+    with staged_folder(out_dir, stage="annotate", inputs=[tiles_dir, plan_dir, cache.path]
+                       ) as staging:
         jobs = [ShardJob(name=s.name, kind=kind, requests=s, tiles=tiles_dir / s.name,
                          plan=plan_dir / "tiles" / s.name,
                          out=staging / s.name, backend=backend, cache=cache) for s in shards]
@@ -262,5 +268,7 @@ def run_annotate(params: Params, kind: str, tiles_dir: Path, plan_dir: Path, out
                              scheduler=scheduler or runner.scheduler,
                              local_scheduler=local, workers=runner.workers)
         report = stage_report(kind, backend, reports)
+        # too many failures: raised here, the staged folder is dropped and out_dir kept
+        check_annotate(kind, report, params.annotate.max_failed_share, out_dir)
         write_json(staging / "report.json", report)
     return report

@@ -18,7 +18,7 @@ from rich.console import Console
 from rich.table import Table
 
 from pipeline.errors import GeoPixelDError, printable
-from pipeline.params import Params, load_params, parse_params
+from pipeline.params import Params, load_params, override_params
 
 app = typer.Typer(
     add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False,
@@ -31,22 +31,32 @@ SchedulerOpt = Annotated[Optional[str], typer.Option(
 KINDS = {"holistic": "holistic", "instances": "instance", "clusters": "cluster"}
 
 
+# the command-line option behind each parameter a subcommand can override: a bad value given
+# with it is blamed on the option, not on the params file
+OPTION_OF = {"data.source": "--source", "data.root": "--root", "data.splits": "--split",
+             "annotate.backend.name": "--backend", "annotate.backend.openai.mode": "--mode",
+             "compose.composer": "--composer", "evaluate.split": "--split"}
+
+
 def _params(path: Path, **overrides: object) -> Params:
-    """Load params.yaml, then apply CLI overrides given as dotted keys (section.key)."""
-    params = load_params(path)
-    if not overrides:
-        return params
-    raw = params.model_dump(mode="json")
-    for dotted, value in overrides.items():
-        if value is None:
-            continue
-        section, key = dotted.split(".", 1)
-        node = raw[section]
-        *parents, leaf = key.split(".")
-        for p in parents:
-            node = node[p]
-        node[leaf] = value
-    return parse_params(raw, path)
+    """Load the params file, then apply CLI overrides given as dotted keys (section.key).
+    A file named with --params must exist (the default params.yaml may be missing: defaults);
+    a bad value names the file read, or the option that gave it."""
+    params = load_params(path, required=_given("params"))
+    return override_params(params, {key: (OPTION_OF.get(key, key), value)
+                                    for key, value in overrides.items()})
+
+
+def _given(name: str) -> bool:
+    """Whether the running subcommand's option `name` was given (command line or environment),
+    not left at its default. Typer 0.29 runs commands in its own copy of click's context."""
+    try:
+        from typer.main import get_current_context
+    except ImportError:  # older typer: click's own context
+        from click import get_current_context
+    ctx = get_current_context(silent=True)
+    source = ctx.get_parameter_source(name) if ctx is not None else None
+    return getattr(source, "name", "DEFAULT") not in ("DEFAULT", "DEFAULT_MAP")
 
 
 @app.command()
@@ -223,6 +233,20 @@ def build(
 ) -> None:
     """Run every stage for the given split(s), through the same functions as `dvc repro`."""
     from annotators.base import get_backend
+    from pipeline.output_folders import check_output_location, output_lock
+
+    p = _params(params, **{"data.source": source, "data.root": str(root) if root else None,
+                           "data.splits": split or None, "annotate.backend.name": backend,
+                           "compose.composer": composer})
+    sched = scheduler or p.runner.scheduler
+    check_output_location(out, [p.data.root, params])  # before any work
+    # a backend set-up mistake stops the build before prepare
+    get_backend(p.annotate.backend, cache=p.annotate.cache)
+    with output_lock(out):  # one build per output root; each stage also locks its own folder
+        _build_stages(p, out, split, sched)
+
+
+def _build_stages(p: Params, out: Path, split: Optional[list[str]], sched: Optional[str]) -> None:
     from pipeline.annotate import run_annotate
     from pipeline.compose import run_compose
     from pipeline.export import run_export
@@ -231,11 +255,6 @@ def build(
     from pipeline.qa import run_qa
     from pipeline.review import run_review
 
-    p = _params(params, **{"data.source": source, "data.root": str(root) if root else None,
-                           "data.splits": split or None, "annotate.backend.name": backend,
-                           "compose.composer": composer})
-    sched = scheduler or p.runner.scheduler
-    get_backend(p.annotate.backend)  # a backend set-up mistake stops the build before prepare
     _done("prepare", out / "tiles", run_prepare(p, out / "tiles", splits=split or None, scheduler=sched))
     _done("plan", out / "plan", run_plan(p, out / "tiles", out / "plan", scheduler=sched))
     for cli_name, kind in KINDS.items():
@@ -268,7 +287,6 @@ def annotate(
     from pipeline.new_imagery import run_annotate_imagery
 
     p = _params(params)
-    err = Console(stderr=True)
 
     def progress(event: str, report: dict) -> None:
         if event != "scene":
@@ -278,34 +296,75 @@ def annotate(
             f"{report['tiles']} tiles, {report['objects']} objects"
             + (f", {report['tiles_nodata']} nodata tiles skipped" if report["tiles_nodata"] else ""))
         crs = f", {report['crs']}" if report["crs"] else ""
-        err.print(f"[bold]scene[/bold] {report['scene']} ({report['width']}x{report['height']}"
-                  f"{crs}): {what}", highlight=False)
+        _say("scene", f" {report['scene']} ({report['width']}x{report['height']}{crs}): {what}")
 
     s = run_annotate_imagery(paths, out, p, masks, masks_path, backend,
                              scheduler=scheduler or p.runner.scheduler, progress=progress)
-    err.print(f"[bold]annotate[/bold] -> {out}  scenes={s['scenes']} tiles={s['tiles']} "
-              f"objects={s['objects']} records={s['records']} phrases={s['phrases']} "
-              f"calls={s['calls']} (cached {s['cached_calls']}, failed {s['failed_calls']}) "
-              f"cost=${s['cost_usd']:.4f} (spent ${s['spent_usd']:.4f})", highlight=False)
+    _say("annotate", f" -> {out}  scenes={s['scenes']} tiles={s['tiles']} "
+         f"objects={s['objects']} records={s['records']} phrases={s['phrases']} "
+         f"calls={s['calls']} (cached {s['cached_calls']}, failed {s['failed_calls']}) "
+         f"cost=${s['cost_usd']:.4f} (spent ${s['spent_usd']:.4f})")
 
 
 @app.command()
 def summary(out: Annotated[Path, typer.Argument(help="Output root of a build.")] = Path("build")) -> None:
     """Print the counts from each stage's report.json."""
-    table = Table(title=f"GeoPixelD build: {out}")
+    from rich.text import Text
+
+    # paths and report values are user text: Text (never rich markup), through `printable`
+    table = Table(title=Text(printable(f"GeoPixelD build: {out}")))
     table.add_column("stage")
     table.add_column("report")
-    for report in sorted(out.rglob("report.json")):
-        data = json.loads(report.read_text())
+    for report in _reports(out):
+        data = _read_report(report)
         flat = {k: v for k, v in data.items() if isinstance(v, (int, float, str))}
-        table.add_row(str(report.parent.relative_to(out)), json.dumps(flat, sort_keys=True)[:300])
+        table.add_row(Text(printable(str(report.parent.relative_to(out)))),
+                      Text(printable(json.dumps(flat, sort_keys=True)[:300])))
     Console().print(table)
+
+
+def _reports(out: Path) -> list[Path]:
+    """The report.json files under a build folder (symbolic links to folders not followed);
+    a folder that does not exist, or a file, is an EmptyInputError naming it."""
+    from pipeline.errors import EmptyInputError
+
+    if not out.exists():
+        raise EmptyInputError("build folder not found", out)
+    if not out.is_dir():
+        raise EmptyInputError("not a folder (summary reads a build folder)", out)
+    found = []
+    for folder, dirs, files in os.walk(out, onerror=None):
+        dirs.sort()
+        if "report.json" in files:
+            found.append(Path(folder) / "report.json")
+    return sorted(found)
+
+
+def _read_report(path: Path) -> dict:
+    """A stage's report.json through the guarded readers: unreadable, not UTF-8, not JSON or
+    not a JSON object is a BadReportError naming the file."""
+    from pipeline.errors import BadReportError
+    from pipeline.user_files import MAX_REPORT_BYTES, read_user_json, refuse_special_file
+
+    refuse_special_file(path, "stage report", error=BadReportError)
+    data = read_user_json(path, "stage report", max_bytes=MAX_REPORT_BYTES, error=BadReportError)
+    if not isinstance(data, dict):
+        raise BadReportError(f"stage report is a JSON {type(data).__name__}, not an object", path)
+    return data
 
 
 def _done(stage: str, out: Path, report: dict) -> None:
     counts = {k: v for k, v in (report or {}).items() if isinstance(v, (int, float))}
-    text = ", ".join(f"{k}={v}" for k, v in sorted(counts.items()))
-    Console(stderr=True).print(f"[bold]{stage}[/bold] -> {out}  {text}", highlight=False)
+    _say(stage, f" -> {out}  " + ", ".join(f"{k}={v}" for k, v in sorted(counts.items())))
+
+
+def _say(label: str, rest: str) -> None:
+    """One line on stderr: `label` in bold, then `rest`. `rest` holds user text (paths, file
+    names): it is printed as Text, never as rich markup, through `printable`."""
+    from rich.text import Text
+
+    line = Text.assemble((label, "bold"), printable(rest))
+    Console(stderr=True).print(line, highlight=False, soft_wrap=True)
 
 
 # --masks kinds followed by a path (pipeline.new_imagery.NEEDS_FILE says what each needs)

@@ -3,13 +3,13 @@
 One scene per COCO image, cut with the devkit's windows (pipeline.isaid.tile_layout); each
 instance mask (polygons, compressed or uncompressed RLE, rasterised by pycocotools as COCO
 does) is cropped to every tile it reaches. Category = the COCO category name, object id = the
-annotation id. The json is checked whole when it is read: a malformed file stops with one
-BadAnnotationError naming it and the offending entry.
+annotation id. The json is checked whole when it is read (`pipeline.geometry`: typed ids and
+names, finite coordinates, polygons clipped to the image's frame, RLE of the image's size): a
+malformed file stops with one BadAnnotationError naming it and the offending entry.
 """
 
 from __future__ import annotations
 
-import math
 from collections import Counter
 from dataclasses import dataclass
 from pathlib import Path
@@ -18,12 +18,12 @@ from typing import Any, Iterator
 import numpy as np
 from pycocotools import mask as mask_utils
 
-from pipeline import masks
+from pipeline import geometry
 from pipeline.errors import BadAnnotationError, BadImageError, DuplicateNameError
 from pipeline.imaging import decode_image, encode_png, image_size, sha256
 from pipeline.isaid import natural_key, run_length_rle, tile_layout
 from pipeline.params import PrepareParams
-from pipeline.shards import read_json
+from pipeline.user_files import read_user_json
 from schemas import ObjectInstance, Tile
 
 SOURCE = "coco"
@@ -53,62 +53,10 @@ class CocoImage:
     annotations: tuple[CocoAnnotation, ...]
 
 
-def _is_int(value: object) -> bool:
-    return isinstance(value, int) and not isinstance(value, bool)
-
-
-def _is_number(value: object) -> bool:
-    return (isinstance(value, (int, float)) and not isinstance(value, bool)
-            and math.isfinite(value))
-
-
-def rle_string_counts(text: str) -> list[int] | None:
-    """Run lengths of a compressed COCO RLE string, or None if it is malformed."""
-    try:
-        return masks.run_lengths(text).tolist()
-    except ValueError:
-        return None
-
-
-def _check_segmentation(seg: object, height: int, width: int, where: str, path: Path) -> None:
-    """Polygons (lists of >= 3 [x, y] points, flattened) or an RLE of the image's size."""
-    if isinstance(seg, list):
-        if not seg:
-            raise BadAnnotationError(f"{where}: empty segmentation", path)
-        for poly in seg:
-            if not isinstance(poly, list) or not all(_is_number(v) for v in poly):
-                raise BadAnnotationError(f"{where}: a polygon is not a list of numbers", path)
-            if len(poly) % 2 or len(poly) < 6:
-                raise BadAnnotationError(
-                    f"{where}: polygon with {len(poly)} coordinates (needs an even count, "
-                    f"at least 3 points)", path)
-        return
-    if isinstance(seg, dict):
-        size, counts = seg.get("size"), seg.get("counts")
-        if not (isinstance(size, list) and len(size) == 2 and all(_is_int(v) for v in size)):
-            raise BadAnnotationError(f"{where}: RLE without a [height, width] size", path)
-        if size != [height, width]:
-            raise BadAnnotationError(
-                f"{where}: RLE size {size} differs from its image's [{height}, {width}]", path)
-        if isinstance(counts, str):
-            counts = rle_string_counts(counts)
-            if counts is None:
-                raise BadAnnotationError(f"{where}: RLE counts string is malformed", path)
-        if not (isinstance(counts, list) and all(_is_int(v) and v >= 0 for v in counts)):
-            raise BadAnnotationError(f"{where}: RLE counts are neither a string nor a list of "
-                                     f"non-negative integers", path)
-        if sum(counts) != height * width:
-            raise BadAnnotationError(
-                f"{where}: RLE counts cover {sum(counts)} pixels, not height x width = "
-                f"{height * width}", path)
-        return
-    raise BadAnnotationError(f"{where}: segmentation is neither polygons nor RLE", path)
-
-
 def read_coco(path: Path) -> list[CocoImage]:
     """Read and check a COCO instances json; images in natural order of their file names."""
     path = Path(path)
-    raw = read_json(path, "COCO json")
+    raw = read_user_json(path, "COCO json")
     if not isinstance(raw, dict):
         raise BadAnnotationError("top level is not an object", path)
     for key in ("images", "annotations", "categories"):
@@ -117,9 +65,9 @@ def read_coco(path: Path) -> list[CocoImage]:
 
     categories: dict[int, str] = {}
     for i, cat in enumerate(raw["categories"]):
-        if not (isinstance(cat, dict) and _is_int(cat.get("id"))
-                and isinstance(cat.get("name"), str) and cat["name"].strip()):
+        if not (isinstance(cat, dict) and geometry.is_int(cat.get("id"))):
             raise BadAnnotationError(f"categories[{i}] needs an integer id and a name", path)
+        geometry.category_name(cat.get("name"), f"categories[{i}]", path, what="name")
         if cat["id"] in categories:
             raise BadAnnotationError(f"category id {cat['id']} appears twice", path)
         categories[cat["id"]] = cat["name"]
@@ -127,12 +75,13 @@ def read_coco(path: Path) -> list[CocoImage]:
     images: dict[int, dict] = {}
     stems: dict[str, str] = {}
     for i, img in enumerate(raw["images"]):
-        if not (isinstance(img, dict) and _is_int(img.get("id"))
+        if not (isinstance(img, dict) and geometry.is_int(img.get("id"))
                 and isinstance(img.get("file_name"), str) and img["file_name"]
-                and _is_int(img.get("height")) and _is_int(img.get("width"))
+                and geometry.is_int(img.get("height")) and geometry.is_int(img.get("width"))
                 and img["height"] > 0 and img["width"] > 0):
             raise BadAnnotationError(
                 f"images[{i}] needs an integer id, a file_name and positive height/width", path)
+        geometry.frame_size(img["height"], img["width"], f"images[{i}]", path)
         if img["id"] in images:
             raise BadAnnotationError(f"image id {img['id']} appears twice", path)
         stem = Path(img["file_name"]).stem
@@ -146,23 +95,33 @@ def read_coco(path: Path) -> list[CocoImage]:
     per_image: dict[int, list[CocoAnnotation]] = {k: [] for k in images}
     seen: set[int] = set()
     for i, ann in enumerate(raw["annotations"]):
-        if not (isinstance(ann, dict) and _is_int(ann.get("id"))):
-            raise BadAnnotationError(f"annotations[{i}] has no integer id", path)
+        if not isinstance(ann, dict):
+            raise BadAnnotationError(f"annotations[{i}] is not an object", path)
+        geometry.object_id(ann.get("id"), f"annotations[{i}]", path)
         where = f"annotation {ann['id']}"
         if ann["id"] in seen:
             raise BadAnnotationError(f"{where} appears twice", path)
         seen.add(ann["id"])
-        img = images.get(ann.get("image_id"))
-        if img is None:
-            raise BadAnnotationError(f"{where}: image_id {ann.get('image_id')!r} is not an "
-                                     f"image of this file", path)
-        if ann.get("category_id") not in categories:
-            raise BadAnnotationError(f"{where}: category_id {ann.get('category_id')!r} is not "
-                                     f"a category of this file", path)
-        _check_segmentation(ann.get("segmentation"), img["height"], img["width"], where, path)
+        for key, known, what in (("image_id", images, "an image"),
+                                 ("category_id", categories, "a category")):
+            value = ann.get(key)
+            if not geometry.is_int(value):
+                raise BadAnnotationError(f"{where}: {key} must be an integer, not "
+                                         f"{geometry.kind_of(value)}", path)
+            if value not in known:
+                raise BadAnnotationError(f"{where}: {key} {geometry.short_int(value)} is not "
+                                         f"{what} of this file", path)
+        img = images[ann["image_id"]]
+        crowd = ann.get("iscrowd", 0)
+        if crowd not in (0, 1) or isinstance(crowd, float):  # True/False are 1/0
+            raise BadAnnotationError(f"{where}: iscrowd must be 0 or 1", path)
+        if ann.get("bbox") is not None:  # unused (boxes are measured), checked all the same
+            geometry.check_bbox(ann["bbox"], where, path)
+        segmentation = geometry.coco_segmentation(ann.get("segmentation"), img["height"],
+                                                  img["width"], where, path)
         per_image[img["id"]].append(CocoAnnotation(
             object_id=ann["id"], category=categories[ann["category_id"]],
-            segmentation=ann["segmentation"], iscrowd=bool(ann.get("iscrowd", 0))))
+            segmentation=segmentation, iscrowd=bool(crowd)))
 
     out = [CocoImage(image_id=k, file_name=img["file_name"], height=img["height"],
                      width=img["width"],
@@ -172,16 +131,10 @@ def read_coco(path: Path) -> list[CocoImage]:
 
 
 def annotation_mask(ann: CocoAnnotation, height: int, width: int, path: Path) -> np.ndarray:
-    """Full-image binary mask of an annotation, rasterised by pycocotools."""
-    seg = ann.segmentation
+    """Full-image binary mask of an annotation (checked and clipped by `read_coco`),
+    rasterised by pycocotools."""
     try:
-        if isinstance(seg, list):
-            rle = mask_utils.merge(mask_utils.frPyObjects(seg, height, width))
-        elif isinstance(seg["counts"], list):
-            rle = mask_utils.frPyObjects(seg, height, width)
-        else:
-            rle = {"size": list(seg["size"]), "counts": seg["counts"].encode("ascii")}
-        return mask_utils.decode(rle)
+        return mask_utils.decode(geometry.coco_rle(ann.segmentation, height, width))
     except (ValueError, TypeError, UnicodeEncodeError) as exc:
         raise BadAnnotationError(f"annotation {ann.object_id}: cannot decode its mask "
                                  f"({exc})", path) from None

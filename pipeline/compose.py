@@ -58,6 +58,7 @@ import pipeline
 from pipeline import masks
 from pipeline.categories import plural, readable
 from pipeline.errors import BadRecordError, EmptyInputError, GeoPixelDError
+from pipeline.failure_policy import check_compose
 from pipeline.params import CacheParams, ComposeParams, Params, params_hash
 from pipeline.runner import map_shards
 from pipeline.shards import list_shards, read_records, staged_folder, write_json, write_records
@@ -664,8 +665,14 @@ def compose_shard(name: str, params: Params, tiles_dir: Path, plan_dir: Path,
                 records[slot] = record
     write_records(staging / name, records, GroundedRecord)
     write_records(staging / "dropped" / name, drops, DroppedRecord)
+    # what the failure policy weighs: tiles with objects that made no record
+    with_objects = {t.tile_id for t in tiles if t.objects}
+    lost = [d for d in drops if d.tile_id in with_objects]
     return {
         "tiles": len(tiles), "records": len(records),
+        "tiles_with_objects": len(with_objects), "dropped_with_objects": len(lost),
+        "first_drop": ({"tile_id": lost[0].tile_id, "reason": lost[0].reason,
+                        "detail": lost[0].detail} if lost else None),
         "dropped": dict(Counter(d.reason for d in drops)),
         "phrases": dict(Counter(p.kind for r in records for p in r.phrases)),
         "phrases_skipped": dict(skipped),
@@ -677,7 +684,9 @@ def compose_shard(name: str, params: Params, tiles_dir: Path, plan_dir: Path,
 
 def run_compose(params: Params, tiles_dir: Path, plan_dir: Path, responses_dir: Path,
                 out_dir: Path, scheduler: str | None = None) -> dict:
-    """Compose every tile shard into GroundedRecord shards (same names) + dropped/ + report."""
+    """Compose every tile shard into GroundedRecord shards (same names) + dropped/ + report.
+    More tiles with objects dropped than `compose.max_dropped_share` allows raise BadRecordError
+    and keep the previous `out_dir` (`pipeline.failure_policy`)."""
     tiles_dir, plan_dir = Path(tiles_dir), Path(plan_dir)
     responses_dir, out_dir = Path(responses_dir), Path(out_dir)
     names = [p.name for p in list_shards(tiles_dir)]
@@ -695,18 +704,23 @@ def run_compose(params: Params, tiles_dir: Path, plan_dir: Path, responses_dir: 
         from annotators.llm_composer import composer_backend
 
         # set-up mistakes stop here, before any work
-        local = local_scheduler_for(get_backend(composer_backend(params)), local)
+        local = local_scheduler_for(
+            get_backend(composer_backend(params), cache=params.annotate.cache), local)
         # workers may run elsewhere: the cache path must not depend on their working folder
         llm_cache = params.annotate.cache.model_copy(
             update={"path": str(Path(params.annotate.cache.path).resolve())})
 
-    with staged_folder(out_dir) as staging:
+    with staged_folder(out_dir, stage="compose", inputs=[tiles_dir, plan_dir, responses_dir],
+                       count_key="records") as staging:
         (staging / "dropped").mkdir()
         task = partial(compose_shard, params=params, tiles_dir=tiles_dir, plan_dir=plan_dir,
                        responses_dir=responses_dir, staging=staging, llm_cache=llm_cache)
         counts = map_shards(task, names, label=STAGE, scheduler=scheduler,
                             local_scheduler=local, workers=params.runner.workers)
         report = _report(counts)
+        # too many tiles lost: raised here, the staged folder is dropped and out_dir kept
+        check_compose(report, next((c["first_drop"] for c in counts if c.get("first_drop")),
+                                   None), params.compose.max_dropped_share, out_dir)
         report["composer"] = params.compose.composer
         if params.compose.composer == "llm":
             llm = Counter()
@@ -725,7 +739,8 @@ def _report(counts: list[dict]) -> dict:
     for c in counts:
         for k in total:
             total[k].update(c[k])
-        sums.update({k: c[k] for k in ("tiles", "records", "objects_grounded", "caption_chars")})
+        sums.update({k: c[k] for k in ("tiles", "records", "objects_grounded", "caption_chars",
+                                       "tiles_with_objects", "dropped_with_objects")})
     records = sums["records"]
     return {
         "stage": STAGE,
@@ -734,6 +749,8 @@ def _report(counts: list[dict]) -> dict:
         "records": records,
         "dropped_total": sum(total["dropped"].values()),
         "dropped": dict(sorted(total["dropped"].items())),
+        "tiles_with_objects": sums["tiles_with_objects"],
+        "dropped_with_objects": sums["dropped_with_objects"],
         "phrases": {"instance": total["phrases"]["instance"],
                     "cluster": total["phrases"]["cluster"]},
         "phrases_total": sum(total["phrases"].values()),

@@ -157,3 +157,15 @@ class BackendFailureError(GeoPixelDError):
 
     kind = "backend failed"
     exit_code = 3
+
+
+class EmptyResultError(GeoPixelDError):
+    """A run that produced nothing where the previous output it would replace has records."""
+
+    kind = "empty result"
+
+
+class BadReportError(GeoPixelDError):
+    """A stage's report.json that cannot be read (summary)."""
+
+    kind = "bad report"

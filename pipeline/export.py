@@ -396,7 +396,8 @@ def run_export(params: Params, tiles_dir: Path, records_dir: Path, out_dir: Path
     shards = scan_inputs(Path(records_dir), Path(tiles_dir), export)
     run = dict(scheduler=runner.scheduler, local_scheduler=runner.local_scheduler,
                workers=runner.workers)
-    with staged_folder(Path(out_dir)) as staging:
+    with staged_folder(Path(out_dir), stage="export", inputs=[tiles_dir, records_dir],
+                       count_key="records") as staging:
         geopixel_dir = staging / "geopixel"
         pieces = map_shards(partial(export_shard, geopixel_dir=geopixel_dir, export=export),
                             shards, label="export geopixel+coco", **run)

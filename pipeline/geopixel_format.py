@@ -41,14 +41,15 @@ import numpy as np
 from pycocotools import mask as mask_utils
 
 from pipeline import __version__ as PIPELINE_VERSION
-from pipeline import masks
+from pipeline import geometry, masks
 from pipeline.categories import ISAID_PALETTE, plural, readable
 from pipeline.errors import (BadAnnotationError, BadImageError, BadParamsError, BadRecordError,
                              DuplicateNameError)
 from pipeline.imaging import PNG_SIGNATURE, decode_image, encode_png, sha256
 from pipeline.params import ExportParams, PrepareParams
-from pipeline.shards import atomic_path, read_json, safe_join, safe_name
-from schemas import GroundedRecord, ObjectInstance, Phrase, Provenance, Tile, Window
+from pipeline.shards import atomic_path, safe_join, safe_name
+from pipeline.user_files import read_user_json
+from schemas import RLE, GroundedRecord, ObjectInstance, Phrase, Provenance, Tile, Window
 
 SEG = "[SEG]"
 PHRASE_RE = re.compile(r"<p>\s*(.*?)\s*</p>\s*\[SEG\]", re.S)
@@ -58,6 +59,9 @@ TRAIN_LIST = "GeoPixelD.json"
 RELEASE_BACKEND = "geopixeld-release"
 RELEASE_SOURCE = "geopixeld"
 HUMAN_ROLES = {"human", "user"}
+# instances (polygons, or connected components of RLE masks) one sample may have: each is a
+# tile-sized mask while it is read; a released cluster has tens to a few hundred
+MAX_PARTS = 4096
 
 
 # ---------------------------------------------------------------------------------------------
@@ -66,7 +70,8 @@ HUMAN_ROLES = {"human", "user"}
 def layout_folder(split: str, export: ExportParams) -> str:
     """The GeoPixel layout folder of a split (`export.split_names`)."""
     if split not in export.split_names:
-        raise BadParamsError(f"export.split_names has no folder for split {split!r}")
+        raise BadParamsError(f"export.split_names has no folder for split {split!r}",
+                             export.where("split_names"))
     return safe_name(export.split_names[split], "export.split_names folder")
 
 
@@ -95,7 +100,8 @@ def _prefix(export: ExportParams) -> str:
     prefix = export.geopixel_prefix.strip().rstrip("/")
     if not prefix or any(c.isspace() for c in prefix):
         raise BadParamsError(f"export.geopixel_prefix {export.geopixel_prefix!r} must be a "
-                             "non-empty path without spaces (data.txt is split on spaces)")
+                             "non-empty path without spaces (data.txt is split on spaces)",
+                             export.where("geopixel_prefix"))
     return prefix
 
 
@@ -245,49 +251,45 @@ def _tile_png(data: bytes, path: Path, max_pixels: int,
 
 
 def _polygon_masks(polygons: object, height: int, width: int,
-                   path: Path) -> list[list[np.ndarray]]:
+                   path: Path) -> list[list[RLE]]:
     """Per [SEG], one filled mask per polygon (GeoPixel fills each polygon on its own)."""
     if not isinstance(polygons, list):
         raise BadAnnotationError("'polygons' must be a list (one entry per [SEG])", path)
+    if not all(isinstance(seg, list) for seg in polygons):
+        i = next(i for i, seg in enumerate(polygons) if not isinstance(seg, list))
+        raise BadAnnotationError(f"polygons[{i}] must be a list of polygons", path)
+    _check_parts(sum(map(len, polygons)), "polygons", path)
     per_seg = []
     for i, seg in enumerate(polygons):
-        if not isinstance(seg, list):
-            raise BadAnnotationError(f"polygons[{i}] must be a list of polygons", path)
-        filled = []
-        for j, poly in enumerate(seg):
-            ok = (isinstance(poly, list) and poly and all(
-                isinstance(pt, list) and len(pt) == 2 and all(
-                    isinstance(v, (int, float)) and not isinstance(v, bool) for v in pt)
-                for pt in poly))
-            if not ok:
-                raise BadAnnotationError(f"polygons[{i}][{j}] is not a list of [x, y] points",
-                                         path)
-            filled.append(masks.from_polygons([poly], height, width))
-        per_seg.append(filled)
+        # checked (finite numbers, [x, y] points) and clipped to the tile's frame by
+        # pipeline.geometry, then filled as GeoPixel's loader fills it
+        per_seg.append([masks.encode(geometry.fill_polygon(poly, height, width,
+                                                           f"polygons[{i}][{j}]", path))
+                        for j, poly in enumerate(seg)])
     return per_seg
 
 
+def _check_parts(count: int, what: str, path: Path) -> None:
+    if count > MAX_PARTS:
+        raise BadAnnotationError(f"{count} {what} in one sample, more than the {MAX_PARTS} "
+                                 "instances a sample may have", path)
+
+
 def _rle_masks(segmentation: object, height: int, width: int,
-               path: Path) -> list[list[np.ndarray]]:
+               path: Path) -> list[list[RLE]]:
     """Per [SEG], one mask per connected component of its inline COCO RLE."""
     if not isinstance(segmentation, list):
         raise BadAnnotationError("'segmentation' must be a list of COCO RLE masks", path)
-    per_seg = []
+    per_seg, parts = [], 0
     for i, rle in enumerate(segmentation):
-        if not (isinstance(rle, dict) and "size" in rle and "counts" in rle):
-            raise BadAnnotationError(f"segmentation[{i}] is not a COCO RLE", path)
-        if list(rle["size"]) != [height, width]:
-            raise BadAnnotationError(f"segmentation[{i}] is {list(rle['size'])}, image is "
-                                     f"{[height, width]}", path)
-        try:
-            coco = (mask_utils.frPyObjects(rle, height, width) if isinstance(rle["counts"], list)
-                    else {"size": rle["size"], "counts": str(rle["counts"]).encode("ascii")})
-            mask = mask_utils.decode(coco)
-        except Exception as exc:  # pycocotools raises bare ValueErrors / TypeErrors
-            raise BadAnnotationError(f"segmentation[{i}] cannot be decoded ({exc})",
-                                     path) from None
+        # size of the image, counts covering it exactly (pipeline.geometry) before decoding
+        checked = geometry.check_rle(rle, height, width, f"segmentation[{i}]", path)
+        mask = mask_utils.decode(geometry.coco_rle(checked, height, width))
         count, labels = cv2.connectedComponents(mask.astype(np.uint8), connectivity=8)
-        per_seg.append([(labels == k).astype(np.uint8) for k in range(1, count)])
+        parts += count - 1
+        _check_parts(parts, "connected components", path)
+        per_seg.append([masks.encode((labels == k).astype(np.uint8))
+                        for k in range(1, count)])
     return per_seg
 
 
@@ -335,7 +337,7 @@ def _read_item(item: object, index: int, json_list_path: Path, root: Path,
 
     if "polygons" in item:
         mask_file = resolve_path(str(item["polygons"]), json_list_path, root, export)
-        payload = read_json(mask_file, "polygon file")
+        payload = read_user_json(mask_file, "polygon file")
         if not isinstance(payload, dict) or "polygons" not in payload:
             found = sorted(payload) if isinstance(payload, dict) else type(payload).__name__
             raise BadAnnotationError(f"no key 'polygons' (GeoPixel's loader reads 'polygons'; "
@@ -364,13 +366,12 @@ def _read_item(item: object, index: int, json_list_path: Path, root: Path,
     for text, parts in zip(texts, per_seg):
         category = guess_category(text)
         ids = []
-        for part in parts:
-            rle = masks.encode(part)
+        union = np.zeros((height, width), np.uint8)
+        for rle in parts:  # parts are kept as RLE: one tile-sized mask at a time
             ids.append(len(objects) + 1)
             objects.append(ObjectInstance(object_id=ids[-1], category=category,
                                           bbox=masks.bbox(rle), area=masks.area(rle), mask=rle))
-        union = (np.any(np.stack(parts), axis=0) if parts
-                 else np.zeros((height, width), bool)).astype(np.uint8)
+            union |= masks.decode(rle)
         phrases.append(Phrase(text=text, kind="cluster" if len(parts) > 1 else "instance",
                               category=category, object_ids=ids, mask=masks.encode(union)))
     image_name, window = _window(tile_id, height, width)
@@ -396,7 +397,7 @@ def read_geopixel(json_list_path: Path, root: Path, *, export: ExportParams | No
     prepare = PrepareParams()
     max_pixels = max_pixels or prepare.max_image_pixels
     json_list_path = Path(json_list_path)
-    items = read_json(json_list_path, "GeoPixel list")
+    items = read_user_json(json_list_path, "GeoPixel list")
     if not isinstance(items, list):
         raise BadAnnotationError("a GeoPixel list must be a JSON array of samples",
                                  json_list_path)

@@ -202,8 +202,8 @@ def run_georef(params: Params, tiles_dir: Path, export_dir: Path) -> dict:
         return report
     _rasterio_features()
     tolerance = params.imagery.polygon_tolerance_px
-    with staged_folder(export_dir / "geojson") as gj_dir, \
-            staged_folder(export_dir / "parquet") as pq_dir:
+    with staged_folder(export_dir / "geojson", stage="export", inputs=[tiles_dir]) as gj_dir, \
+            staged_folder(export_dir / "parquet", stage="export", inputs=[tiles_dir]) as pq_dir:
         writer = _GeoJsonWriter(gj_dir)
         split_crs: dict[str, str] = {}
         try:

@@ -28,12 +28,24 @@ def png_size(data: bytes, path: str | Path = "<bytes>") -> tuple[int, int]:
     return height, width
 
 
+def _imdecode(data: bytes, flags: int) -> np.ndarray | None:
+    """cv2.imdecode, None for bytes it cannot decode (OpenCV asserts on empty input and raises
+    cv2.error on some corrupt headers instead of returning None)."""
+    if not data:
+        return None
+    try:
+        return cv2.imdecode(np.frombuffer(data, np.uint8), flags)
+    except cv2.error:
+        return None
+
+
 def image_size(data: bytes, path: str | Path) -> tuple[int, int]:
     """(height, width) of a PNG or JPEG from its header; other formats are decoded."""
+    if not data:
+        raise BadImageError("empty file (0 bytes)", path)
     if data[:8] == PNG_SIGNATURE:
         return png_size(data, path)
-    arr = np.frombuffer(data, np.uint8)
-    img = cv2.imdecode(arr, cv2.IMREAD_UNCHANGED)
+    img = _imdecode(data, cv2.IMREAD_UNCHANGED)
     if img is None:
         raise BadImageError("cannot decode image (corrupt or unsupported format)", path)
     return img.shape[0], img.shape[1]
@@ -66,7 +78,7 @@ def decode_image(data: bytes, path: str | Path, max_pixels: int) -> np.ndarray:
             f"{max_pixels} (max_image_pixels)", path)
     if data[:8] == PNG_SIGNATURE and not png_is_complete(data):
         raise BadImageError("truncated PNG (no IEND chunk or bad chunk CRC)", path)
-    img = cv2.imdecode(np.frombuffer(data, np.uint8), cv2.IMREAD_UNCHANGED)
+    img = _imdecode(data, cv2.IMREAD_UNCHANGED)
     if img is None:
         raise BadImageError("cannot decode image (corrupt or truncated)", path)
     return to_rgb8(img, path)
@@ -74,10 +86,9 @@ def decode_image(data: bytes, path: str | Path, max_pixels: int) -> np.ndarray:
 
 def read_image(path: Path, max_pixels: int) -> np.ndarray:
     """Read an image file as RGB uint8 with the checks of `decode_image`."""
-    try:
-        data = Path(path).read_bytes()
-    except FileNotFoundError:
-        raise BadImageError("file not found", path) from None
+    from pipeline.user_files import read_user_bytes
+
+    data = read_user_bytes(path, "image", error=BadImageError)
     return decode_image(data, path, max_pixels)
 
 
@@ -115,9 +126,9 @@ def encode_png(rgb: np.ndarray, compression: int = 1) -> bytes:
 def decode_png(data: bytes) -> np.ndarray:
     """PNG bytes made by this pipeline -> RGB uint8."""
     if _IMREAD_RGB is not None:
-        img = cv2.imdecode(np.frombuffer(data, np.uint8), _IMREAD_RGB)
+        img = _imdecode(data, _IMREAD_RGB)
     else:
-        img = cv2.imdecode(np.frombuffer(data, np.uint8), cv2.IMREAD_COLOR)
+        img = _imdecode(data, cv2.IMREAD_COLOR)
         img = None if img is None else cv2.cvtColor(img, cv2.COLOR_BGR2RGB)
     if img is None:
         raise BadImageError("cannot decode PNG bytes")

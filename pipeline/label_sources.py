@@ -11,10 +11,17 @@ Polygons are rasterised by pixel centre (shapely); COCO masks stay rasters (crop
 - COCO: one json for all scenes, images matched to scenes by file stem, object id = the
   annotation id (checked by `pipeline.coco_source.read_coco`).
 - GeoJSON: Polygon/MultiPolygon features in map coordinates, category from the property named
-  `imagery.category_property` (none: the unknown category), object id = the feature's integer
-  `id` or its position (from 1). The file's CRS is its legacy `crs` member, else
-  `imagery.geojson_crs`, else WGS 84 lon/lat (RFC 7946). Features are reprojected to a scene in
-  another CRS with pyproj (the `[geo]` extra), or refused with one line saying so.
+  `imagery.category_property` (a string; an integer class code is taken as its decimal text,
+  3 -> "3"; none or empty: the unknown category; any other value is refused), object id = the
+  feature's integer `id` (within int64; a larger one, a float or an object is refused) or, for
+  a string id or none, its position (from 1). Other RFC 7946 geometries (points, lines, null)
+  are skipped and counted as 'not_polygon'; an unknown geometry type is refused. The file's
+  CRS is its legacy `crs` member, else `imagery.geojson_crs`, else WGS 84 lon/lat (RFC 7946).
+  Features are reprojected to a scene in another CRS with pyproj (the `[geo]` extra), or
+  refused with one line saying so.
+
+Every coordinate, id and name is checked by `pipeline.geometry` (finite numbers within 2**53,
+bounded point counts, typed fields) and every JSON file read by `pipeline.user_files`.
 
 Boxes and polygons reaching outside the scene are clipped to it ("clipped"); those wholly
 outside are skipped ("outside_image"). Counts go into the caller's Counter.
@@ -22,7 +29,6 @@ outside are skipped ("outside_image"). Counts go into the caller's Counter.
 
 from __future__ import annotations
 
-import math
 import re
 from collections import Counter
 from dataclasses import dataclass
@@ -31,21 +37,29 @@ from typing import Optional, Sequence
 
 import numpy as np
 import shapely
-from pycocotools import mask as mask_utils
 from shapely.affinity import affine_transform
+from shapely.errors import GEOSException
 from shapely.geometry import MultiPoint, box, shape
 from shapely.geometry.base import BaseGeometry
 
+from pipeline import geometry as user_geometry
 from pipeline import masks
 from pipeline.categories import ISAID_PALETTE, UNKNOWN_CATEGORY
 from pipeline.coco_source import read_coco
 from pipeline.errors import BadAnnotationError, EmptyInputError
 from pipeline.params import ImageryParams
-from pipeline.shards import read_json
+from pipeline.user_files import read_user_text, read_user_json
 from schemas import RLE, Window
 
 # Polygons with more vertices than this are prepared (indexed) before their pixels are tested.
 PREPARE_ABOVE = 64
+# a DOTA label file is one line a box: 64 MB is over a million boxes for one scene
+MAX_DOTA_BYTES = 64 << 20
+# a DOTA coordinate: a plain decimal number (not 'nan', 'inf', '1_000' or other digits)
+DOTA_NUMBER_RE = re.compile(r"[+-]?(?:\d+\.?\d*|\.\d+)(?:[eE][+-]?\d+)?", re.ASCII)
+# GeoJSON geometry types (RFC 7946) that are not polygons: skipped and counted
+OTHER_GEOMETRIES = ("Point", "MultiPoint", "LineString", "MultiLineString",
+                    "GeometryCollection")
 WGS84 = "OGC:CRS84"  # lon/lat, the CRS of a GeoJSON without a `crs` member
 DOTA_HEADERS = ("imagesource:", "gsd:")
 
@@ -199,12 +213,7 @@ def parse_dota(path: Path, params: ImageryParams, counts: Counter) -> list[Scene
     ones are dropped unless imagery.keep_difficult. A malformed line raises BadAnnotationError
     naming the file and the line."""
     path = Path(path)
-    try:
-        text = path.read_text(encoding="utf-8")
-    except FileNotFoundError:
-        raise BadAnnotationError("DOTA label file not found", path) from None
-    except UnicodeDecodeError:
-        raise BadAnnotationError("not a text file (DOTA labels are UTF-8 text)", path) from None
+    text = read_user_text(path, "DOTA label file", max_bytes=MAX_DOTA_BYTES)
     labels = []
     for number, line in enumerate(text.splitlines(), start=1):
         line = line.strip()
@@ -215,12 +224,12 @@ def parse_dota(path: Path, params: ImageryParams, counts: Counter) -> list[Scene
             raise BadAnnotationError(
                 f"line {number}: expected 'x1 y1 x2 y2 x3 y3 x4 y4 category [difficult]', got "
                 f"{len(fields)} fields", path)
-        try:
-            coords = [float(v) for v in fields[:8]]
-        except ValueError:
-            raise BadAnnotationError(f"line {number}: coordinates must be numbers", path) from None
-        if not all(math.isfinite(v) for v in coords):
-            raise BadAnnotationError(f"line {number}: coordinates must be finite", path)
+        if not all(DOTA_NUMBER_RE.fullmatch(v) for v in fields[:8]):
+            raise BadAnnotationError(f"line {number}: coordinates must be numbers", path)
+        coords = [float(v) for v in fields[:8]]
+        if not all(user_geometry.is_number(v) for v in coords):
+            raise BadAnnotationError(f"line {number}: coordinates must be finite numbers "
+                                     "within +-2**53", path)
         difficult = False
         if len(fields) == 10:
             if fields[9] not in ("0", "1"):
@@ -275,13 +284,9 @@ def read_coco_labels(path: Path, scenes: dict[str, tuple[int, int]],
 
 
 def _compressed(segmentation, height: int, width: int) -> RLE:
-    """Any checked COCO segmentation as a compressed RLE (no full-size array is made)."""
-    if isinstance(segmentation, list):
-        rle = mask_utils.merge(mask_utils.frPyObjects(segmentation, height, width))
-    elif isinstance(segmentation["counts"], list):
-        rle = mask_utils.frPyObjects(segmentation, height, width)
-    else:
-        return RLE(size=list(segmentation["size"]), counts=segmentation["counts"])
+    """A COCO segmentation checked and clipped by `read_coco` as a compressed RLE (no
+    full-size array is made)."""
+    rle = user_geometry.coco_rle(segmentation, height, width)
     return RLE(size=[int(s) for s in rle["size"]], counts=rle["counts"].decode("ascii"))
 
 
@@ -312,7 +317,7 @@ def read_geojson(path: Path, params: ImageryParams, counts: Counter) -> GeoLabel
     """Read a GeoJSON FeatureCollection (or one Feature) of polygons; other geometry types
     are skipped and counted as 'not_polygon'."""
     path = Path(path)
-    raw = read_json(path, "GeoJSON file")
+    raw = read_user_json(path, "GeoJSON file")
     if not isinstance(raw, dict) or raw.get("type") not in ("FeatureCollection", "Feature"):
         raise BadAnnotationError("not a GeoJSON FeatureCollection or Feature", path)
     items = raw.get("features") if raw["type"] == "FeatureCollection" else [raw]
@@ -335,26 +340,44 @@ def read_geojson(path: Path, params: ImageryParams, counts: Counter) -> GeoLabel
     for i, feature in enumerate(items, start=1):
         if not isinstance(feature, dict) or feature.get("type") != "Feature":
             raise BadAnnotationError(f"feature {i} is not a GeoJSON Feature", path)
-        geometry = feature.get("geometry")
-        if not isinstance(geometry, dict) or geometry.get("type") not in ("Polygon",
-                                                                           "MultiPolygon"):
+        where = f"feature {i}"
+        shape_of = feature.get("geometry")
+        if shape_of is None:  # an unlocated feature (RFC 7946 allows a null geometry)
             counts["not_polygon"] += 1
             continue
+        if not isinstance(shape_of, dict):
+            raise BadAnnotationError(f"{where}: geometry must be an object or null", path)
+        kind = shape_of.get("type")
+        if kind in OTHER_GEOMETRIES:
+            counts["not_polygon"] += 1
+            continue
+        if kind not in ("Polygon", "MultiPolygon"):
+            shown = repr(kind[:40]) if isinstance(kind, str) else "missing"
+            raise BadAnnotationError(f"{where}: geometry type {shown} is not a GeoJSON "
+                                     "geometry (Polygon and MultiPolygon are read)", path)
+        props = feature.get("properties")
+        if props is not None and not isinstance(props, dict):
+            raise BadAnnotationError(f"{where}: properties must be an object or null", path)
+        category = (props or {}).get(params.category_property)
+        if category is not None and not (isinstance(category, str) and not category.strip()):
+            category = user_geometry.category_name(
+                category, where, path, integers=True,
+                what=f"property {params.category_property[:40]!r}")
+        object_id = _feature_id(feature.get("id"), i, path)
+        user_geometry.map_geometry(shape_of, where, path)
         try:
-            geom = shape(geometry)
-        except (ValueError, TypeError, AttributeError, IndexError) as exc:
-            raise BadAnnotationError(f"feature {i}: malformed {geometry['type']} ({exc})",
-                                     path) from None
+            geom = shape(shape_of)
+        except (ValueError, TypeError, AttributeError, IndexError, GEOSException) as exc:
+            raise BadAnnotationError(f"{where}: malformed {kind} ({exc})", path) from None
         if not geom.is_valid:
-            geom = _polygonal(shapely.make_valid(geom))
+            try:
+                geom = _polygonal(shapely.make_valid(geom))
+            except GEOSException:  # e.g. a ring collapsed to a point, with a hole
+                geom = None
             counts["repaired"] += 1
             if geom is None:
                 counts["degenerate"] += 1
                 continue
-        props = feature.get("properties") or {}
-        category = props.get(params.category_property) if isinstance(props, dict) else None
-        fid = feature.get("id")
-        object_id = fid if isinstance(fid, int) and not isinstance(fid, bool) else i
         features.append((object_id, canonical_category(category or ""), geom))
     ids = [f[0] for f in features]
     if len(set(ids)) != len(ids):
@@ -367,6 +390,17 @@ def read_geojson(path: Path, params: ImageryParams, counts: Counter) -> GeoLabel
                 f"7946), but they reach ({x0:.6g}, {y0:.6g}, {x1:.6g}, {y1:.6g}); add a 'crs' "
                 "member or set imagery.geojson_crs", path)
     return GeoLabels(path=str(path), crs=crs, declared=declared, features=tuple(features))
+
+
+def _feature_id(value: object, position: int, path: Path) -> int:
+    """A feature's object id: its integer `id` (within int64, as ids are stored); a string id
+    or none at all gives its position (from 1); any other id is refused."""
+    if value is None or isinstance(value, str):
+        return position
+    if not user_geometry.is_int(value):
+        raise BadAnnotationError(f"feature {position}: id must be an integer or a string, not "
+                                 f"{user_geometry.kind_of(value)}", path)
+    return user_geometry.object_id(value, f"feature {position}", path)
 
 
 def _pyproj():
@@ -434,6 +468,9 @@ def geojson_scene_labels(geo: GeoLabels, scene: str, scene_crs: Optional[str],
                 counts["reprojection_failed"] += 1
                 continue
         pixels = affine_transform(geom, [ia, ib, id_, ie, ic, if_])
+        if not np.isfinite(shapely.get_coordinates(pixels)).all():
+            raise BadAnnotationError(f"feature with object id {object_id}: its coordinates "
+                                     f"do not map to finite pixels of scene {scene}", geo.path)
         if pixels.area <= 0:
             counts["degenerate"] += 1
             continue

@@ -45,7 +45,7 @@ from pipeline.imaging import encode_png, sha256
 from pipeline.label_sources import (LabelIndex, SceneLabel, check_label_folder, clip_to_scene,
                                     dota_label_file, geojson_scene_labels, label_mask,
                                     parse_dota, read_coco_labels, read_geojson)
-from pipeline.params import Params, parse_params
+from pipeline.params import Params, override_params
 from pipeline.runner import map_shards
 from pipeline.shards import shard_name, staged_folder, write_json, write_records, write_table
 from schemas import ObjectInstance, Tile, Window, arrow_schema
@@ -88,6 +88,8 @@ def mask_spec(masks: Optional[str], masks_arg: Optional[Path]) -> MaskSpec:
     path = Path(masks_arg)
     if kind == "dota":
         check_label_folder(path)
+    elif path.is_dir():
+        raise EmptyInputError(f"--masks {kind}: is a folder, not a {kind} file", path)
     elif not path.is_file():
         raise EmptyInputError(f"--masks {kind}: file not found", path)
     return MaskSpec(kind, path)
@@ -344,7 +346,8 @@ def run_tile_imagery(paths: Sequence[Path], out_dir: Path, params: Params,
     runner = params.runner
     out_dir = Path(out_dir)
     scene_reports = []
-    with staged_folder(out_dir) as staging:
+    with staged_folder(out_dir, stage="tiles", inputs=[*paths, spec.path],
+                       count_key="tiles") as staging:
         parts_dir = staging / PARTS
         parts_dir.mkdir()
         names: list[tuple[str, int]] = []
@@ -419,11 +422,8 @@ def _scene_report(scene: _Scene, results: list[dict]) -> dict:
 # ---- the whole command ------------------------------------------------------------------------
 
 def _with_backend(params: Params, backend: Optional[str]) -> Params:
-    if not backend:
-        return params
-    raw = params.model_dump(mode="json")
-    raw["annotate"]["backend"]["name"] = backend
-    return parse_params(raw, "--backend")
+    # a bad name is blamed on --backend; the sections keep naming the params file read
+    return override_params(params, {"annotate.backend.name": ("--backend", backend or None)})
 
 
 def run_annotate_imagery(paths: list[Path], out_dir: Path, params: Params, masks: str | None,
@@ -434,12 +434,9 @@ def run_annotate_imagery(paths: list[Path], out_dir: Path, params: Params, masks
     each scene ("scene") and each stage ("tiles", "plan", "annotate-<kind>", "compose",
     "export", "georef") as it finishes."""
     from annotators.base import get_backend
-    from pipeline.annotate import run_annotate
-    from pipeline.compose import run_compose
-    from pipeline.export import run_export
-    from pipeline.georef import run_georef
-    from pipeline.plan import run_plan
+    from pipeline.output_folders import check_output_location, output_lock
 
+    check_output_location(out_dir, [*paths, masks_arg])  # before any work
     params = _with_backend(params, backend)
     spec = mask_spec(masks, masks_arg)
     if spec.kind is None and params.compose.require_phrases:
@@ -447,8 +444,21 @@ def run_annotate_imagery(paths: list[Path], out_dir: Path, params: Params, masks
                              "compose.require_phrases drops every caption that grounds nothing "
                              "(after paying for it); give --masks sam, dota DIR, coco FILE or "
                              "geojson FILE, or set compose.require_phrases: false")
-    get_backend(params.annotate.backend)  # a backend set-up mistake stops before any work
+    # a backend set-up mistake stops before any work
+    get_backend(params.annotate.backend, cache=params.annotate.cache)
     out_dir = Path(out_dir)
+    with output_lock(out_dir):  # one run per output root; each stage also locks its folder
+        return _annotate_stages(paths, out_dir, params, spec, scheduler, progress)
+
+
+def _annotate_stages(paths: list[Path], out_dir: Path, params: Params, spec: MaskSpec,
+                     scheduler, progress: Optional[ProgressCallback]) -> dict:
+    from pipeline.annotate import run_annotate
+    from pipeline.compose import run_compose
+    from pipeline.export import run_export
+    from pipeline.georef import run_georef
+    from pipeline.plan import run_plan
+
     tell = progress or (lambda event, report: None)
     dirs = {"tiles": out_dir / "tiles", "plan": out_dir / "plan",
             "responses": out_dir / "responses", "records": out_dir / "records",

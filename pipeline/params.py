@@ -1,26 +1,85 @@
 """Parameters: one pydantic model per `params.yaml` section, defaults equal to the file's.
 
-Each stage reads only its own section (and DVC tracks exactly those keys). Out-of-range values
-raise `BadParamsError` naming `params.yaml` and the key.
+Each stage reads only its own section (and DVC tracks exactly those keys). Values are strict
+(`true` is not a number, "5" is not an integer; an integer is a float, a list a pair), checked
+together where two keys must agree, and words that reach captions are checked like captions.
+A bad value raises `BadParamsError` naming the key and where it came from: the params file
+actually read, or the command-line option that set it (each section carries its `Origin`).
 """
 
 from __future__ import annotations
 
+import difflib
 import hashlib
 import json
+import re
+import typing
+import unicodedata
 from pathlib import Path
-from typing import Literal, Optional
+from typing import Annotated, Literal, Mapping, Optional
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+from pydantic import (AfterValidator, BaseModel, BeforeValidator, ConfigDict, Field,
+                      PrivateAttr, ValidationError, field_validator, model_validator)
 
+import prompts
 from pipeline.errors import BadParamsError
+from pipeline.user_files import read_user_text, refuse_special_file
 
 OnError = Literal["raise", "skip"]
 
+DEFAULT_PARAMS = "params.yaml"
+# a params file larger than this is refused before it is parsed (the generated one is ~20 KB)
+MAX_PARAMS_BYTES = 1 << 20
+
+
+class Origin:
+    """Where a section's values came from: the params file read (`file`), the command-line
+    options that replaced some keys (`options`: dotted key from the root -> option) and the
+    section's own dotted key (`prefix`). Not a value: any two origins compare equal, so that
+    equality, hashing, dumps and digests of parameters stay by value."""
+
+    __slots__ = ("file", "options", "prefix")
+
+    def __init__(self, file: str = DEFAULT_PARAMS, options: Optional[Mapping[str, str]] = None,
+                 prefix: str = ""):
+        self.file, self.options, self.prefix = str(file), dict(options or {}), prefix
+
+    def __eq__(self, other: object) -> bool:
+        return isinstance(other, Origin)
+
+    def __hash__(self) -> int:
+        return 0
+
+    def __repr__(self) -> str:
+        return f"Origin({self.file!r}, {self.options!r}, {self.prefix!r})"
+
+    def source(self, key: str = "") -> str:
+        """The option that set `key` (dotted, relative to the section), else the file."""
+        full = ".".join(p for p in (self.prefix, key) if p)
+        for dotted, option in self.options.items():
+            if full == dotted or full.startswith(dotted + "."):
+                return option
+        return self.file
+
+
+class ParamsConflict(ValueError):
+    """Two keys that make no sense together: raised by validators with the key to blame
+    (dotted, relative to the validated section)."""
+
+    def __init__(self, key: str, message: str):
+        super().__init__(message)
+        self.key, self.message = key, message
+
 
 class Section(BaseModel):
-    model_config = ConfigDict(extra="forbid", frozen=True)
+    model_config = ConfigDict(extra="forbid", frozen=True, strict=True)
+    _origin: Origin = PrivateAttr(default_factory=Origin)
+
+    def where(self, key: str = "") -> str:
+        """Where `key` of this section came from (a command-line option, or the params file):
+        what a message about it names."""
+        return self._origin.source(key)
 
     def digest(self) -> str:
         """Stable hash of the section's values."""
@@ -28,21 +87,104 @@ class Section(BaseModel):
         return hashlib.sha256(blob).hexdigest()[:16]
 
 
+# -- value checks shared by several sections ---------------------------------------------------
+
+# a name that becomes a file or folder name (a split, a layout folder): the rule of
+# pipeline.shards.safe_name
+_SAFE_NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]*$")
+MAX_NAME_CHARS = 100
+# words that reach captions (plan.cluster_info): letters, single spaces or hyphens between
+MAX_CAPTION_WORDS_CHARS = 40
+# text that reaches every training sample (the GeoPixel question)
+MAX_QUESTION_CHARS = 2000
+# tag-like text (pipeline.validate's rule): "<p>", "</p>", "[SEG]", any "<" or ">"
+_TAG_LIKE_RE = re.compile(r"[<>]|\[\s*/?\s*seg|seg\s*\]", re.IGNORECASE)
+
+
+def _shown(value: object, limit: int = 60) -> str:
+    text = repr(value)
+    return text if len(text) <= limit else text[:limit - 3] + "..."
+
+
+def _safe_name(value: str) -> str:
+    if (len(value) > MAX_NAME_CHARS or not _SAFE_NAME_RE.match(value) or ".." in value):
+        raise ValueError(f"{_shown(value)} is not a safe file name (letters, digits, '_', '.', "
+                         f"'-', not starting with '.' or '-', no '..', at most {MAX_NAME_CHARS} "
+                         "characters)")
+    return value
+
+
+def _caption_words(value: str) -> str:
+    parts = re.split(r"[ -]", value)
+    if not value or len(value) > MAX_CAPTION_WORDS_CHARS or not all(
+            p and p.isalpha() for p in parts):
+        raise ValueError(f"{_shown(value)} cannot go into a caption: letters with single spaces "
+                         f"or hyphens between them, at most {MAX_CAPTION_WORDS_CHARS} characters "
+                         "(no digits, tags like <p> or [SEG], or control characters)")
+    return value
+
+
+def _plain_text(value: str) -> str:
+    if not value.strip():
+        raise ValueError("is empty")
+    if len(value) > MAX_QUESTION_CHARS:
+        raise ValueError(f"is {len(value)} characters, more than {MAX_QUESTION_CHARS}")
+    for ch in value:
+        if unicodedata.category(ch)[0] == "C":
+            raise ValueError(f"holds a control or invisible character (U+{ord(ch):04X})")
+    if _TAG_LIKE_RE.search(value):
+        raise ValueError("holds tag-like text ('<', '>', [SEG]): it would forge a grounding")
+    return value
+
+
+def _pair(value: object) -> object:
+    """YAML has no tuples: a two-item list is a pair."""
+    return tuple(value) if isinstance(value, list) else value
+
+
+SafeName = Annotated[str, AfterValidator(_safe_name)]
+CaptionWords = Annotated[str, AfterValidator(_caption_words)]
+PlainText = Annotated[str, AfterValidator(_plain_text)]
+ClusterWord = Annotated[tuple[Annotated[int, Field(ge=1)], CaptionWords], BeforeValidator(_pair)]
+
+
+def _unique(values: list[str], what: str) -> list[str]:
+    seen = set()
+    for v in values:
+        if v in seen:
+            raise ValueError(f"{what} {v!r} given twice")
+        seen.add(v)
+    return values
+
+
+def _prompt_version(value: str) -> str:
+    if value not in prompts.versions():
+        raise ValueError(f"{_shown(value)} is not a prompt version; available: "
+                         f"{', '.join(prompts.versions())} (folders of prompts/)")
+    return value
+
+
 class DataParams(Section):
     """Where the source imagery is and which splits to build."""
 
     source: Literal["isaid", "coco"] = "isaid"
     root: str = "data/isaid"
-    splits: list[str] = Field(default_factory=lambda: ["train", "val", "test"], min_length=1)
+    splits: list[SafeName] = Field(default_factory=lambda: ["train", "val", "test"],
+                                   min_length=1)
     coco_json: Optional[str] = Field(
         default=None, description="annotation file for source=coco, relative to root; "
         "'{split}' is replaced by the split name")
     coco_images: str = Field(
         "{split}", description="image folder for source=coco, relative to root; "
         "'{split}' is replaced by the split name")
-    unlabeled_splits: list[str] = Field(
+    unlabeled_splits: list[SafeName] = Field(
         default_factory=lambda: ["test"],
         description="iSAID splits that have images only (tiles without objects)")
+
+    @field_validator("splits")
+    @classmethod
+    def _splits_once(cls, value: list[str]) -> list[str]:
+        return _unique(value, "split")
 
 
 class PrepareParams(Section):
@@ -95,14 +237,29 @@ class PlanParams(Section):
     cluster_region_share: float = Field(
         0.8, gt=0, le=1, description="share of a group one grid cell must hold to name it")
     cluster_grids: list[str] = Field(default_factory=lambda: ["3x3", "2x2", "1x2"], min_length=1)
-    cluster_info: list[tuple[int, str]] = Field(
+    cluster_info: list[ClusterWord] = Field(
         default_factory=lambda: [(20, "numerous"), (10, "many"), (5, "several"), (2, "a few")],
-        description="(at least this many members, word), first match wins")
+        min_length=1, description="(at least this many members, word), first match wins")
     prompt_version: str = "v1"
     batched_marks: bool = Field(
         False, description="one instance_batch call per patch describes every marked object "
         "(a JSON list) instead of one instance call per mark")
     marks: MarkParams = Field(default_factory=MarkParams)
+
+    @field_validator("cluster_info")
+    @classmethod
+    def _counts_descend(cls, value: list[tuple[int, str]]) -> list[tuple[int, str]]:
+        # first match wins: an entry after a smaller count could never be chosen
+        for (a, word_a), (b, word_b) in zip(value, value[1:]):
+            if b >= a:
+                raise ValueError(f"counts must go down, largest first (first match wins): "
+                                 f"{b} ({word_b!r}) comes after {a} ({word_a!r})")
+        return value
+
+    @field_validator("prompt_version")
+    @classmethod
+    def _known_prompt_version(cls, value: str) -> str:
+        return _prompt_version(value)
 
 
 class ModelPrice(Section):
@@ -126,6 +283,14 @@ class BatchParams(Section):
         "the cache db and the next run resumes it)")
     discount: float = Field(0.5, ge=0, le=1, description="batch price as a share of the "
                             "synchronous price")
+
+    @model_validator(mode="after")
+    def _intervals_fit(self) -> "BatchParams":
+        if self.poll_interval_s > self.poll_max_interval_s:
+            raise ParamsConflict("poll_interval_s", f"the first wait ({self.poll_interval_s:g} s) "
+                                 f"is longer than poll_max_interval_s "
+                                 f"({self.poll_max_interval_s:g} s)")
+        return self
 
 
 class OpenAIParams(Section):
@@ -173,6 +338,39 @@ class OpenAIParams(Section):
         "auto", description="transport of the async client: aiohttp costs about a third less "
         "CPU per call than httpx; auto = aiohttp when installed (openai[aiohttp])")
     batch: BatchParams = Field(default_factory=BatchParams)
+
+    @model_validator(mode="after")
+    def _base_url_parses(self) -> "OpenAIParams":
+        # the message never repeats the URL: it may hold credentials (user:pass@)
+        from urllib.parse import urlsplit
+
+        try:
+            parts = urlsplit(self.base_url)
+            parts.port  # noqa: B018 (raises for a port out of range)
+        except ValueError:
+            raise ValueError("base_url is not a valid URL") from None
+        if not parts.hostname or any(c.isspace() for c in self.base_url):
+            raise ValueError("base_url is not a valid URL (no host, or a space in it)")
+        return self
+
+    @model_validator(mode="after")
+    def _answers_can_pass_cleaning(self) -> "OpenAIParams":
+        # limits under which output cleaning would refuse every answer of a kind
+        for kind, most in self.max_sentences.items():
+            if most < 1:
+                raise ValueError(f"max_sentences.{kind} ({most}) must be at least 1: cleaning "
+                                 f"would refuse every {kind} answer")
+        # the shortest answer of min_words words: one-letter words, spaces, a full stop
+        shortest = 2 * self.min_words
+        for kind, most in self.max_chars.items():
+            if most < shortest:
+                raise ValueError(f"max_chars.{kind} ({most}) is below what min_words "
+                                 f"({self.min_words}) needs ({shortest} characters): cleaning "
+                                 f"would refuse every {kind} answer")
+        for kind, most in self.max_tokens_by_kind.items():
+            if most < 1:
+                raise ValueError(f"max_tokens_by_kind.{kind} ({most}) must be at least 1")
+        return self
 
 
 class CacheParams(Section):
@@ -222,10 +420,32 @@ class BackendParams(Section):
     openai: OpenAIParams = Field(default_factory=OpenAIParams)
     transformers: TransformersParams = Field(default_factory=TransformersParams)
 
+    @model_validator(mode="after")
+    def _answers_fit_max_tokens(self) -> "BackendParams":
+        # a model backend's prose answers (cleaned with openai's limits) need a token per word
+        if self.name == "template":
+            return self
+        for kind in ("holistic", "instance", "cluster"):
+            tokens = self.openai.max_tokens_by_kind.get(kind, self.max_tokens)
+            if tokens < self.openai.min_words:
+                where = (f"openai.max_tokens_by_kind.{kind}"
+                         if kind in self.openai.max_tokens_by_kind else "max_tokens")
+                raise ValueError(f"{where} ({tokens}) is below openai.min_words "
+                                 f"({self.openai.min_words}): every {kind} answer would be cut "
+                                 "short and refused")
+        return self
+
 
 class AnnotateParams(Section):
     backend: BackendParams = Field(default_factory=BackendParams)
     cache: CacheParams = Field(default_factory=CacheParams)
+    max_failed_share: float = Field(
+        0.0, ge=0, le=1, description="share of a pass's requests that may still fail after "
+        "their retries before the stage fails (exit 3; answers already paid for stay in the "
+        "cache and the next run asks only the failed ones): 0 = any failure fails the stage. "
+        "For the openai backend, whose failures a later run may answer; the template and "
+        "transformers backends answer deterministically: theirs are counted (and "
+        "compose.max_dropped_share still applies)")
 
 
 class ComposeParams(Section):
@@ -247,6 +467,18 @@ class ComposeParams(Section):
     llm_prompt_version: str = "v1"
     llm_with_image: bool = Field(False, description="send the tile's image with the compose "
                                  "prompt (false: text only, for a text-only LLM)")
+    max_dropped_share: float = Field(
+        0.75, ge=0, le=1, description="share of the tiles with objects that may end without a "
+        "record (dropped: failed answers, validation) before the stage fails (exit 2) and keeps "
+        "the previous records")
+
+    @model_validator(mode="after")
+    def _captions_can_pass(self) -> "ComposeParams":
+        if self.min_caption_chars > self.max_caption_chars:
+            raise ValueError(f"min_caption_chars ({self.min_caption_chars}) is above "
+                             f"max_caption_chars ({self.max_caption_chars}): every record "
+                             "would be dropped")
+        return self
 
 
 class ReviewParams(Section):
@@ -260,14 +492,14 @@ class ReviewParams(Section):
 
 class ExportParams(Section):
     records_per_shard: int = Field(256, ge=1, le=100_000)
-    geopixel_question: str = (
+    geopixel_question: PlainText = (
         "Could you perform an in-depth analysis of this photo, including interleaved "
         "segmentation masks to map each part of your answer to specific image object?")
     geopixel_prefix: str = "data/GeoPixelD"
-    split_names: dict[str, str] = Field(
+    split_names: dict[SafeName, SafeName] = Field(
         default_factory=lambda: {"train": "train", "val": "test", "test": "unlabeled"},
         description="our split -> GeoPixel layout folder (GeoPixelD's test came from iSAID val)")
-    geopixel_train_folder: str = Field(
+    geopixel_train_folder: SafeName = Field(
         "train", description="layout folder whose samples form GeoPixelD.json, the training list "
                              "named in data.txt; any other folder F gets GeoPixelD_F.json")
     row_group_size: int = Field(
@@ -288,7 +520,7 @@ class QAParams(Section):
     contour_thickness: int = Field(1, ge=0, le=8, description="px of a mask's outline (0 = none)")
     caption_bin_chars: int = Field(100, ge=1, le=10_000,
                                    description="bin width of the caption length histogram")
-    reference_splits: dict[str, str] = Field(
+    reference_splits: dict[SafeName, SafeName] = Field(
         default_factory=lambda: {"train": "train", "val": "test"},
         description="our split -> the GeoPixelD split its figures are compared with "
                     "(GeoPixelD's test came from iSAID val)")
@@ -379,9 +611,9 @@ class FinetuneParams(Section):
     sam_checkpoint_path: str = Field("", description="segment-anything weights (.pth)")
     sam_model_type: Literal["vit_h", "vit_l", "vit_b", "custom"] = Field(
         "vit_h", description="SAM shape; custom = read sam_config.json beside the weights")
-    splits: list[str] = Field(default_factory=lambda: ["train"], min_length=1,
-                              description="export splits trained on")
-    question: str = Field(
+    splits: list[SafeName] = Field(default_factory=lambda: ["train"], min_length=1,
+                                   description="export splits trained on")
+    question: PlainText = Field(
         "Could you perform an in-depth analysis of this photo, including interleaved "
         "segmentation masks to map each part of your answer to specific image object?",
         description="the user turn of every sample (GeoPixelD's question)")
@@ -425,7 +657,8 @@ class FinetuneParams(Section):
 class EvaluateParams(Section):
     """RS-GCG evaluation (GLaMM's GCG metrics) of a fine-tuned checkpoint or a predictions file."""
 
-    split: str = Field("val", description="export split scored (GeoPixelD's test = iSAID val)")
+    split: SafeName = Field("val", description="export split scored (GeoPixelD's test = iSAID "
+                            "val)")
     text_encoder: Literal["bert", "bag-of-words"] = Field(
         "bert", description="phrase similarity for Recall; bert = GLaMM's (needs the weights)")
     bert_model_path: str = "bert-base-uncased"
@@ -463,26 +696,175 @@ class Params(Section):
     finetune: FinetuneParams = Field(default_factory=FinetuneParams)
     evaluate: EvaluateParams = Field(default_factory=EvaluateParams)
 
-
-def load_params(path: str | Path = "params.yaml") -> Params:
-    """Read and validate `params.yaml`; a missing file gives the defaults."""
-    path = Path(path)
-    raw: dict = {}
-    if path.exists():
+    @model_validator(mode="after")
+    def _sections_agree(self) -> "Params":
+        # keys of sections that hold other sections (and the backend classes), checked here
+        backends = [("annotate.backend", self.annotate.backend)]
+        if self.compose.llm_backend is not None:
+            backends.append(("compose.llm_backend", self.compose.llm_backend))
+        for key, backend in backends:
+            o = backend.openai
+            if o.backoff_base_s > o.backoff_max_s:
+                raise ParamsConflict(
+                    f"{key}.openai.backoff_base_s", f"the backoff base ({o.backoff_base_s:g} s) "
+                    f"is larger than backoff_max_s ({o.backoff_max_s:g} s)")
         try:
-            raw = yaml.safe_load(path.read_text()) or {}
-        except yaml.YAMLError as exc:
-            raise BadParamsError(f"not valid YAML ({exc.__class__.__name__})", path) from None
+            _prompt_version(self.compose.llm_prompt_version)
+        except ValueError as exc:
+            raise ParamsConflict("compose.llm_prompt_version", str(exc)) from None
+        return self
+
+
+class _StrictLoader(yaml.SafeLoader):
+    """YAML's safe loader, refusing a key given twice in one mapping (YAML keeps the last one
+    silently: a value the user believes set would not be the one used)."""
+
+
+def _unique_keys(loader: _StrictLoader, node: yaml.MappingNode, deep: bool = False) -> dict:
+    seen = set()
+    for key_node, _ in node.value:
+        if key_node.tag == "tag:yaml.org,2002:merge":
+            continue
+        key = loader.construct_object(key_node, deep=True)
+        try:
+            if key in seen:
+                raise yaml.constructor.ConstructorError(
+                    None, None, f"key {_shown(key)} given twice", key_node.start_mark)
+            seen.add(key)
+        except TypeError:  # an unhashable key: construct_mapping says so
+            pass
+    return loader.construct_mapping(node, deep=deep)
+
+
+_StrictLoader.add_constructor(yaml.resolver.BaseResolver.DEFAULT_MAPPING_TAG, _unique_keys)
+
+
+def load_params(path: str | Path = DEFAULT_PARAMS, *, required: bool = False) -> Params:
+    """Read and validate a params file. A missing file gives the defaults, unless `required`
+    (a file the user named); a folder, an unreadable or oversized file, text that is not UTF-8
+    or not YAML, and a bad value are each one `BadParamsError` naming the file."""
+    path = Path(path)
+    if not required and not path.exists() and not path.is_symlink():
+        return parse_params({}, path)
+    refuse_special_file(path, "params file", error=BadParamsError)
+    text = read_user_text(path, "params file", max_bytes=MAX_PARAMS_BYTES, error=BadParamsError)
+    try:
+        raw = yaml.load(text, Loader=_StrictLoader)  # noqa: S506 (a SafeLoader)
+    except yaml.YAMLError as exc:
+        mark = getattr(exc, "problem_mark", None)
+        at = f"line {mark.line + 1}, column {mark.column + 1}: " if mark is not None else ""
+        problem = getattr(exc, "problem", None) or type(exc).__name__
+        raise BadParamsError(f"not valid YAML ({at}{problem})", path) from None
+    except RecursionError:
+        raise BadParamsError("not valid YAML (nested too deep)", path) from None
     return parse_params(raw, path)
 
 
-def parse_params(raw: dict, path: str | Path = "params.yaml") -> Params:
+def parse_params(raw: object, path: str | Path = DEFAULT_PARAMS,
+                 options: Optional[Mapping[str, str]] = None) -> Params:
+    """Validate parsed params (a mapping of sections). `path` is the file they came from and
+    `options` the keys command-line options set ({dotted key: option}): a bad value is a
+    `BadParamsError` naming the option that set it, else the file; the sections carry both."""
+    source, options = str(path), dict(options or {})
+    if raw is None:
+        raw = {}
+    if not isinstance(raw, dict):
+        raise BadParamsError(f"not a mapping of sections (it holds a {type(raw).__name__})",
+                             source)
     try:
-        return Params.model_validate(raw)
+        params = Params.model_validate(raw)
     except ValidationError as exc:
-        err = exc.errors()[0]
-        key = ".".join(str(p) for p in err["loc"])
-        raise BadParamsError(f"{key}: {err['msg']}", path) from None
+        errors = exc.errors()
+        key, message = _described(errors[0])
+        more = f" (and {len(errors) - 1} more)" if len(errors) > 1 else ""
+        raise BadParamsError(f"{key}: {message}{more}" if key else message + more,
+                             _blamed(key, source, options)) from None
+    _stamp(params, Origin(source, options))
+    return params
+
+
+def override_params(params: Params, overrides: Mapping[str, tuple[str, object]]) -> Params:
+    """`params` with keys replaced by command-line options, {dotted key: (option, value)}
+    (None values are left out). A bad value is blamed on its option, not on the file."""
+    given = {k: ov for k, ov in overrides.items() if ov[1] is not None}
+    if not given:
+        return params
+    raw = params.model_dump(mode="json")
+    for dotted, (_, value) in given.items():
+        node = raw
+        *parents, leaf = dotted.split(".")
+        for p in parents:
+            node = node[p]
+        node[leaf] = value
+    origin = params._origin
+    return parse_params(raw, origin.file,
+                        {**origin.options, **{k: option for k, (option, _) in given.items()}})
+
+
+def _described(err: Mapping) -> tuple[str, str]:
+    """(dotted key, message) of one pydantic error: a validator's own words, the value given
+    for a type error, "unknown key" for a key no section has."""
+    loc = [str(p) for p in err["loc"]]
+    cause = (err.get("ctx") or {}).get("error")
+    if isinstance(cause, ParamsConflict):
+        return ".".join(loc + [cause.key]), cause.message
+    if isinstance(cause, ValueError):
+        return ".".join(loc), str(cause)
+    if err["type"] == "extra_forbidden":
+        known = _field_names(loc[:-1])
+        close = difflib.get_close_matches(loc[-1], known, n=1) if loc else []
+        hint = f"; did you mean {close[0]}?" if close else ""
+        return ".".join(loc), f"unknown key (no such parameter here{hint})"
+    message = err["msg"]
+    value = err.get("input")
+    if err["type"] != "missing":
+        shown = f"a {type(value).__name__}" if isinstance(value, (dict, list, tuple)) else (
+            f"{_shown(value)}, {type(value).__name__}")
+        message += f" (got {shown})"
+    return ".".join(loc), message
+
+
+def _field_names(loc: list[str]) -> list[str]:
+    """The parameter names of the section at `loc` (empty where `loc` is not a section)."""
+    model: object = Params
+    for part in loc:
+        field = getattr(model, "model_fields", {}).get(part)
+        if field is None:
+            return []
+        model = field.annotation
+        args = [a for a in typing.get_args(model) if isinstance(a, type)]
+        if not (isinstance(model, type) and issubclass(model, Section)):
+            model = next((a for a in args if issubclass(a, Section)), None)
+    return list(getattr(model, "model_fields", {}))
+
+
+def _blamed(key: str, file: str, options: Mapping[str, str]) -> str:
+    """What a message about `key` names: the option that set it (or a key inside it), the
+    option together with the file when a check over a whole section failed after the option
+    changed part of it, else the file."""
+    for dotted, option in options.items():
+        if key == dotted or key.startswith(dotted + "."):
+            return option
+    inside = [option for dotted, option in options.items()
+              if not key or dotted.startswith(key + ".")]
+    if inside:
+        return f"{', '.join(sorted(set(inside)))} (with {file})"
+    return file
+
+
+def _stamp(section: Section, origin: Origin, prefix: str = "") -> None:
+    """Give `section` and every section inside it the origin of the values they were read
+    from, with their own dotted key."""
+    section._origin = Origin(origin.file, origin.options, prefix)
+    for name in type(section).model_fields:
+        value = getattr(section, name)
+        key = f"{prefix}.{name}" if prefix else name
+        if isinstance(value, Section):
+            _stamp(value, origin, key)
+        elif isinstance(value, dict):
+            for k, v in value.items():
+                if isinstance(v, Section):
+                    _stamp(v, origin, f"{key}.{k}")
 
 
 def params_hash(*sections: Section) -> str:

@@ -199,7 +199,7 @@ def run_plan(params: Params, tiles_dir: Path, out_dir: Path, scheduler: str | No
         raise EmptyInputError("no tile shards ({split}-#####-of-#####.parquet) in this folder",
                               tiles_dir)
     runner = params.runner
-    with staged_folder(out_dir) as staging:
+    with staged_folder(out_dir, stage="plan", inputs=[tiles_dir]) as staging:
         results = map_shards(partial(plan_shard, params=params.plan),
                              [(s, staging) for s in shards], label="plan",
                              scheduler=scheduler or runner.scheduler,

@@ -314,7 +314,8 @@ def run_prepare(params: Params, out_dir: Path, splits: list[str] | None = None,
         tasks += plan_tasks(scenes, layouts, prep.tiles_per_shard, first_index=len(tasks))
 
     out_dir = Path(out_dir)
-    with staged_folder(out_dir) as staging:
+    with staged_folder(out_dir, stage="prepare", inputs=[params.data.root],
+                       count_key="tiles") as staging:
         parts_dir = staging / PARTS
         parts_dir.mkdir()
         task = partial(prepare_task, params=params, parts_dir=str(parts_dir))

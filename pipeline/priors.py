@@ -20,7 +20,7 @@ import numpy as np
 from pipeline import masks
 from pipeline.categories import plural, readable
 from pipeline.errors import BadMaskError, BadParamsError
-from pipeline.params import PlanParams
+from pipeline.params import DEFAULT_PARAMS, PlanParams
 from schemas import Cluster, ObjectInstance
 
 # The paper's 3x3 cell names, row by row.
@@ -46,12 +46,13 @@ __all__ = ["POSITIONS_3X3", "REGION_NAMES", "InstanceMask", "InstanceSplit", "ca
            "parse_grid", "position", "region_name", "split_instances"]
 
 
-def parse_grid(spec: str) -> tuple[int, int]:
-    """'RxC' (rows x columns, e.g. '1x2' = one row of two columns) -> (rows, columns)."""
+def parse_grid(spec: str, source: str = DEFAULT_PARAMS) -> tuple[int, int]:
+    """'RxC' (rows x columns, e.g. '1x2' = one row of two columns) -> (rows, columns).
+    `source`: where the spec came from (the params file), named by the error."""
     m = GRID_RE.match(spec)
     if not m or int(m.group(1)) < 1 or int(m.group(2)) < 1:
         raise BadParamsError(f"plan.cluster_grids: {spec!r} is not ROWSxCOLUMNS (e.g. '3x3')",
-                             "params.yaml")
+                             source)
     return int(m.group(1)), int(m.group(2))
 
 
@@ -95,11 +96,12 @@ def cluster_info_word(count: int, thresholds: Sequence[tuple[int, str]]) -> str 
 def check_plan_params(params: PlanParams) -> None:
     """Refuse plan parameters that would make a cluster without a count word or a bad grid."""
     for spec in params.cluster_grids:
-        parse_grid(spec)
+        parse_grid(spec, params.where("cluster_grids"))
     if cluster_info_word(params.cluster_min_members, params.cluster_info) is None:
         raise BadParamsError(
             f"plan.cluster_info: no word for a cluster of {params.cluster_min_members} members "
-            f"(plan.cluster_min_members); add an entry with a count <= that", "params.yaml")
+            f"(plan.cluster_min_members); add an entry with a count <= that",
+            params.where("cluster_info"))
 
 
 @dataclass(frozen=True, eq=False)

@@ -28,7 +28,6 @@ Metric definitions:
 from __future__ import annotations
 
 import csv
-import json
 import math
 import re
 from collections import Counter
@@ -41,13 +40,16 @@ import numpy as np
 import pyarrow.parquet as pq
 
 from pipeline import masks
-from pipeline.errors import BadRecordError, EmptyInputError
+from pipeline.errors import BadRecordError, BadReportError, EmptyInputError
 from pipeline.html_report import IMAGE_FOLDER, render_overlay, write_report
 from pipeline.imaging import decode_png
 from pipeline.params import Params, QAParams
 from pipeline.runner import map_shards
 from pipeline.shards import (atomic_path, list_shards, read_records, safe_join, safe_name,
                              staged_folder, write_json)
+from pipeline.text import csv_cell
+from pipeline.output_folders import check_output_file
+from pipeline.user_files import MAX_REPORT_BYTES, read_user_json
 from schemas import DroppedRecord, GroundedRecord, Response, Tile
 
 STAGE = "qa"
@@ -457,12 +459,14 @@ PLOT_COLUMNS = {
 
 
 def write_plot(path: Path, rows: Sequence[dict], columns: Sequence[str]) -> Path:
-    """One DVC plot file (CSV with a header, even when it has no rows)."""
+    """One DVC plot file (CSV with a header, even when it has no rows). Every CSV file of the
+    pipeline is written here: a text cell a spreadsheet would read as a formula (a category
+    named `=HYPERLINK(...)`) gets a leading `'` (`pipeline.text.csv_cell`, OWASP's rule)."""
     with atomic_path(path) as tmp:
-        with tmp.open("w", newline="") as f:
+        with tmp.open("w", newline="", encoding="utf-8") as f:
             writer = csv.DictWriter(f, fieldnames=list(columns), lineterminator="\n")
             writer.writeheader()
-            writer.writerows(rows)
+            writer.writerows({k: csv_cell(v) for k, v in row.items()} for row in rows)
     return path
 
 
@@ -473,10 +477,7 @@ def write_plot(path: Path, rows: Sequence[dict], columns: Sequence[str]) -> Path
 def _read_report(path: Path) -> Optional[dict]:
     if not path.is_file():
         return None
-    try:
-        data = json.loads(path.read_text())
-    except json.JSONDecodeError as exc:
-        raise BadRecordError(f"not valid JSON ({exc.msg})", path) from None
+    data = read_user_json(path, "stage report", max_bytes=MAX_REPORT_BYTES, error=BadReportError)
     return data if isinstance(data, dict) else None
 
 
@@ -528,7 +529,10 @@ def run_qa(params: Params, records_dir: Path, out_metrics: Path, out_plots_dir: 
     review_report = _read_report(Path(review_dir) / "report.json") if review_dir else None
     budget = _render_budget(records_dir, names, params.qa.max_tiles)
 
-    with staged_folder(Path(out_report_dir)) as staging:
+    inputs = [records_dir, compose_dir, tiles_dir, responses_dir, review_dir]
+    check_output_file(out_metrics, inputs)
+    with staged_folder(Path(out_report_dir), stage=STAGE, inputs=inputs,
+                       count_key="records") as staging:
         (staging / IMAGE_FOLDER).mkdir()
         task = partial(qa_shard, params=params.qa, records_dir=records_dir,
                        tiles_dir=Path(tiles_dir) if tiles_dir is not None else None,
@@ -548,7 +552,7 @@ def run_qa(params: Params, records_dir: Path, out_metrics: Path, out_plots_dir: 
                   "tiles_shown": sum(1 for s in shards for r in s.records if r.image)}
         write_json(staging / "report.json", report)
 
-    with staged_folder(Path(out_plots_dir)) as plots:
+    with staged_folder(Path(out_plots_dir), stage="qa-plots", inputs=inputs) as plots:
         for file_name, rows in tables.items():
             write_plot(plots / file_name, rows, PLOT_COLUMNS[file_name])
     write_json(Path(out_metrics), metrics)

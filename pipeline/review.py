@@ -15,15 +15,32 @@ Applying the decisions of one record, in file order (a later line overrides an e
   changed it);
 - reject: the record is not exported (`review/dropped`, reason "rejected_by_reviewer");
 - edit: the new caption is validated like any record (`pipeline.validate.validate_record`
-  with the compose limits). The text inside each `<p> ... </p>` may change and becomes the
-  phrase's text; the number and order of the groundings may not, since the i-th [SEG] owns
-  the i-th mask. A refused edit (INVALID_EDIT) is reported with its reasons, printed as a
-  warning line, and not applied: the record keeps what the decisions before it made of it
-  (unreviewed when there are none). The stage does not fail: one typo must not stop a build.
+  with the compose limits). The text rule (`pipeline.text`) applies: what cannot change what
+  the reviewer saw is normalised (line breaks and tabs become spaces, Unicode NFC), and an edit
+  holding a character that could hide or disguise text (a terminal escape sequence, a control
+  character such as NUL, a bidi control such as U+202E, a zero-width or other invisible
+  character) is REFUSED ("unsafe_text", naming the character), not cleaned: the record must
+  never hold words other than those the reviewer saw. The text inside each `<p> ... </p>` may
+  change and becomes the phrase's text; the number and order of the groundings may not,
+  since the i-th [SEG] owns the i-th mask. A refused edit (INVALID_EDIT) is reported with its
+  reasons, printed as a warning line, and not applied: the record keeps what the decisions
+  before it made of it (unreviewed when there are none). The stage does not fail: one typo
+  must not stop a build.
 - a decision naming no record of the input is reported as UNKNOWN.
+Whatever the decisions, a record whose caption or phrase text is not clean text (a record made
+before the text rule, or put in the records folder by hand) is not exported
+(`review/dropped`, reason "unsafe_text").
 Records nobody reviewed go on when `review.export_unreviewed`, else they are held back
 (`review/dropped`, reason "unreviewed"). Edit distance is the character Levenshtein distance
 between the composed caption and the exported one.
+
+The decisions file is read through `pipeline.user_files` (UTF-8, not a folder, each line JSON
+nested at most `MAX_JSON_DEPTH` deep); a malformed line (bad JSON, not a decision object, a
+field of the wrong type, an unknown decision) is a `BadDecisionsError` naming the file and the
+line: the stage stops with exit code 2. A decision's `reviewer` and `note` are normalised by
+the text rule; its `record_id` is kept as written (it only has to match a record). Every
+warning the stage prints goes through `pipeline.errors.printable`: a record id or a caption
+with escape sequences or line breaks cannot forge terminal lines.
 """
 
 from __future__ import annotations
@@ -42,17 +59,22 @@ from typing import Iterable, Optional, Sequence
 import pyarrow.parquet as pq
 from pydantic import ValidationError
 
-from pipeline.errors import BadAnnotationError, BadRecordError, EmptyInputError
+from pipeline.errors import BadDecisionsError, BadRecordError, EmptyInputError, printable
 from pipeline.params import ComposeParams, Params, ReviewParams
 from pipeline.runner import map_shards
 from pipeline.shards import (atomic_path, list_shards, read_records, staged_folder, write_json,
                              write_records)
-from pipeline.validate import validate_record
+from pipeline.text import normalise_text, text_problem
+from pipeline.user_files import parse_json, read_user_bytes, read_user_text
+from pipeline.validate import record_text_problem, validate_record
 from schemas import RLE, DroppedRecord, GroundedRecord, Phrase, Provenance, ReviewDecision
 
 STAGE = "review"
 REJECTED = "rejected_by_reviewer"
 HELD = "unreviewed"
+UNSAFE = "unsafe_text"
+# a decisions file larger than this is refused before it is read (a decision is ~300 bytes)
+MAX_DECISIONS_BYTES = 1 << 30
 
 _PHRASE_RE = re.compile(r"<p>(.*?)</p>", re.DOTALL)
 _EXPLAINED = {
@@ -65,6 +87,7 @@ _EXPLAINED = {
     "phrase_moved": "a tag now holds another phrase's text: the i-th [SEG] owns the i-th mask, "
                     "so phrases cannot be reordered",
     "empty_phrase": "a phrase has no text",
+    "unsafe_text": "a terminal escape sequence, a control, bidi or invisible character",
     "stray_tag": "tag-like text ('<', '>', '[SEG' pieces) outside the grounding tags",
     "leaked_mark": "the text names a set-of-marks number",
     "bad_mask": "a mask cannot be read",
@@ -123,7 +146,10 @@ def rename_phrase(record: GroundedRecord, index: int, text: str) -> str:
 def edit_problems(record: GroundedRecord, caption: str,
                   compose: ComposeParams) -> tuple[GroundedRecord, list[str]]:
     """The record with `caption` (phrase texts taken from its tags) and why it is refused
-    (reason codes of `validate_record`, plus "phrase_moved"; empty = a valid edit)."""
+    (reason codes of `validate_record`, plus "phrase_moved"; empty = a valid edit). The
+    caption is first normalised by the text rule without dropping anything (line breaks and
+    tabs as spaces, NFC), so an unsafe character stays and is refused ("unsafe_text")."""
+    caption = normalise_text(caption, drop_unsafe=False)
     inner = _PHRASE_RE.findall(caption)
     phrases = list(record.phrases)
     moved = False
@@ -144,8 +170,16 @@ def explain(reasons: Sequence[str], record: GroundedRecord, caption: str) -> str
     """One line saying why an edit is refused."""
     counts = (f"{caption.count('[SEG]')} [SEG] and {caption.count('<p>')} <p> for "
               f"{len(record.phrases)} masks")
+
+    def why(reason: str) -> str:
+        text = _EXPLAINED.get(reason, reason)
+        if reason == UNSAFE:
+            problem = text_problem(normalise_text(caption, drop_unsafe=False))
+            text += f" ({problem})" if problem else ""
+        return text
+
     return f"edit of {record.record_id} refused ({counts}): " + "; ".join(
-        f"{r}: {_EXPLAINED.get(r, r)}" for r in reasons)
+        f"{r}: {why(r)}" for r in reasons)
 
 
 def edited(record: GroundedRecord, caption: str, compose: ComposeParams) -> GroundedRecord:
@@ -163,25 +197,41 @@ def edited(record: GroundedRecord, caption: str, compose: ComposeParams) -> Grou
 def read_decisions(path: Path) -> list[tuple[int, ReviewDecision]]:
     """(line number, decision) of every non-blank line; a missing file holds no decisions.
 
-    A malformed line raises BadAnnotationError naming the file and the line."""
+    The file is read through `pipeline.user_files` (a file, at most `MAX_DECISIONS_BYTES`,
+    UTF-8: the line of the first byte that is not is named); lines are separated by newlines
+    only (a U+2028 inside a JSON string does not end a line). A malformed line raises
+    BadDecisionsError naming the file and the line. `reviewer` and `note` are normalised by
+    the text rule."""
     path = Path(path)
-    if not path.exists():
+    if not path.exists() and not path.is_symlink():
         return []
+    data = read_user_bytes(path, "decisions file", max_bytes=MAX_DECISIONS_BYTES,
+                           error=BadDecisionsError)
+    try:
+        text = data.decode("utf-8-sig")
+    except UnicodeDecodeError as exc:
+        line = data[:exc.start].count(b"\n") + 1
+        raise BadDecisionsError(f"line {line}: not UTF-8 text (byte {exc.start})", path) from None
     found = []
-    for number, line in enumerate(path.read_text(encoding="utf-8").splitlines(), start=1):
+    for number, line in enumerate(text.split("\n"), start=1):
         if not line.strip():
             continue
+        fields = parse_json(line, f"line {number}", path, error=BadDecisionsError)
+        if not isinstance(fields, dict):
+            raise BadDecisionsError(f"line {number}: a decision is a JSON object, not "
+                                    f"{type(fields).__name__}", path)
         try:
-            decision = ReviewDecision.model_validate_json(line)
+            decision = ReviewDecision.model_validate(fields)
         except ValidationError as exc:
             err = exc.errors()[0]
             where = ".".join(str(p) for p in err["loc"])
-            raise BadAnnotationError(f"line {number}: {where + ': ' if where else ''}"
-                                     f"{err['msg']}", path) from None
+            raise BadDecisionsError(f"line {number}: {where + ': ' if where else ''}"
+                                    f"{err['msg']}", path) from None
         if (decision.decision == "edit") != (decision.caption is not None):
-            raise BadAnnotationError(f"line {number}: a caption goes with 'edit' decisions "
-                                     f"only, and every 'edit' needs one", path)
-        found.append((number, decision))
+            raise BadDecisionsError(f"line {number}: a caption goes with 'edit' decisions "
+                                    f"only, and every 'edit' needs one", path)
+        found.append((number, decision.model_copy(update={
+            "reviewer": normalise_text(decision.reviewer), "note": normalise_text(decision.note)})))
     return found
 
 
@@ -194,7 +244,8 @@ def append_decisions(path: Path, decisions: Iterable[ReviewDecision]) -> Path:
     """Add decisions at the end of the file: the whole file is rewritten to a temporary name
     and renamed, so a crash never leaves a half line."""
     path = Path(path)
-    old = path.read_text(encoding="utf-8") if path.exists() else ""
+    old = (read_user_text(path, "decisions file", max_bytes=MAX_DECISIONS_BYTES,
+                          error=BadDecisionsError) if path.exists() else "")
     if old and not old.endswith("\n"):
         old += "\n"
     new = "".join(d.model_dump_json(exclude_none=True) + "\n" for d in decisions)
@@ -207,11 +258,12 @@ def decide(record: GroundedRecord, decision: str, caption: Optional[str] = None,
            reviewer: str = "", note: str = "",
            compose: Optional[ComposeParams] = None) -> ReviewDecision:
     """A decision on `record` as shown. An edit is checked now (BadRecordError), so the
-    reviewer hears of a bad edit at once rather than at the next build."""
+    reviewer hears of a bad edit at once rather than at the next build; the caption written is
+    the normalised one (line breaks and tabs as spaces, NFC: `edit_problems`)."""
     if decision == "edit":
         if caption is None:
             raise BadRecordError(f"edit of {record.record_id} needs a caption")
-        edited(record, caption, compose or ComposeParams())
+        caption = edited(record, caption, compose or ComposeParams()).caption
     elif caption is not None:
         raise BadRecordError(f"a caption goes with 'edit' only, not {decision!r}")
     return ReviewDecision(record_id=record.record_id, content_sha256=review_hash(record),
@@ -380,6 +432,7 @@ def review_shard(name: str, records_dir: Path, staging: Path,
     status: Counter[str] = Counter()
     distances = []
     found = set()
+    unsafe = []
     for record in records:
         mine = decisions.get(record.record_id, [])
         if mine:
@@ -387,13 +440,19 @@ def review_shard(name: str, records_dir: Path, staging: Path,
         done = review_record(record, mine, compose)
         details.extend(done.details)
         status[done.status] += 1
+        held = done.status == "unreviewed" and not review.export_unreviewed
+        problem = None if done.status == "rejected" or held else record_text_problem(done.record)
         if done.status == "rejected":
             d = done.rejected_by
             drops.append(DroppedRecord(tile_id=record.tile_id, split=record.split, stage=STAGE,
                                        reason=REJECTED, detail=f"{d.reviewer}: {d.note}".strip()))
-        elif done.status == "unreviewed" and not review.export_unreviewed:
+        elif held:
             drops.append(DroppedRecord(tile_id=record.tile_id, split=record.split, stage=STAGE,
                                        reason=HELD, detail=record.record_id))
+        elif problem is not None:  # made before the text rule, or not by compose: not exported
+            unsafe.append((record.record_id, problem))
+            drops.append(DroppedRecord(tile_id=record.tile_id, split=record.split, stage=STAGE,
+                                       reason=UNSAFE, detail=problem))
         else:
             kept.append(done.record)
             if done.status == "edited":
@@ -401,7 +460,8 @@ def review_shard(name: str, records_dir: Path, staging: Path,
     write_records(staging / name, kept, GroundedRecord)
     write_records(staging / "dropped" / name, drops, DroppedRecord)
     return {"records": len(records), "kept": len(kept), "status": dict(status),
-            "distances": distances, "details": details, "found": sorted(found)}
+            "distances": distances, "details": details, "found": sorted(found),
+            "unsafe": unsafe}
 
 
 def run_review(params: Params, records_dir: Path, decisions_path: Path, out_dir: Path,
@@ -417,7 +477,8 @@ def run_review(params: Params, records_dir: Path, decisions_path: Path, out_dir:
     for line, d in numbered:
         by_record.setdefault(d.record_id, []).append((line, d))
 
-    with staged_folder(out_dir) as staging:
+    with staged_folder(out_dir, stage="review", inputs=[records_dir, decisions_path],
+                       count_key="records_out") as staging:
         (staging / "dropped").mkdir()
         task = partial(review_shard, records_dir=records_dir, staging=staging,
                        decisions=by_record, review=params.review, compose=params.compose)
@@ -436,8 +497,11 @@ def run_review(params: Params, records_dir: Path, decisions_path: Path, out_dir:
         write_json(staging / "report.json", report)
     for d in details:
         if d["outcome"] != "applied":
-            print(f"review: warning: {decisions_path}:{d['line']}: {d['outcome']}: "
-                  f"{d['message']}", file=sys.stderr)
+            print(printable(f"review: warning: {decisions_path}:{d['line']}: {d['outcome']}: "
+                            f"{d['message']}"), file=sys.stderr)
+    for record_id, problem in (u for c in counts for u in c["unsafe"]):
+        print(printable(f"review: warning: record {record_id} not exported: {UNSAFE}: "
+                        f"{problem}"), file=sys.stderr)
     return report
 
 

@@ -166,10 +166,85 @@ def _forkserver():
     return context
 
 
-def _map_distributed(task, items, address, label):
-    from distributed import Client, as_completed
+# how long a dask scheduler may take to answer before the run stops (dask's default is 30 s)
+SCHEDULER_CONNECT_TIMEOUT_S = 5.0
 
-    with Client(address, set_as_default=False) as client:
+
+def connect(address: str, timeout_s: float = SCHEDULER_CONNECT_TIMEOUT_S):
+    """A dask.distributed Client of the scheduler at `address`. A scheduler that does not
+    answer within `timeout_s` (nothing listening, or something that is not a scheduler), or
+    an address that is not one, is one SchedulerError (dask's own retries and log lines about
+    it are kept off the terminal)."""
+    import asyncio
+    import logging
+
+    from distributed import Client
+
+    from pipeline.errors import SchedulerError
+
+    check_address(address)
+    loggers = [logging.getLogger(n) for n in ("distributed", "tornado", "asyncio")]
+    levels = [lg.level for lg in loggers]
+    for lg in loggers:
+        lg.setLevel(logging.CRITICAL)
+    try:
+        try:
+            asyncio.get_running_loop()
+        except RuntimeError:  # the usual case: no event loop here, so the probe can run
+            asyncio.run(_probe(address, timeout_s))
+        return Client(address, set_as_default=False, timeout=timeout_s)
+    except (OSError, TimeoutError, asyncio.TimeoutError) as exc:
+        text = str(exc).strip()
+        reason = text.splitlines()[0][:200] if text else "no answer"
+        raise SchedulerError(f"cannot reach the dask scheduler at {address} within "
+                             f"{timeout_s:g} s ({reason}); start it, or leave out --scheduler, "
+                             "DASK_SCHEDULER_ADDRESS and runner.scheduler to run locally"
+                             ) from None
+    except (ValueError, TypeError) as exc:
+        raise SchedulerError(f"{address!r} is not a dask scheduler address (tcp://host:port): "
+                             f"{str(exc)[:200]}") from None
+    finally:
+        for lg, level in zip(loggers, levels):
+            lg.setLevel(level)
+
+
+async def _probe(address: str, timeout_s: float) -> None:
+    """Connect to `address` and finish dask's handshake within `timeout_s`. dask bounds the
+    connection but not the handshake: a listener that accepts and never answers would hold a
+    Client (and the run) until it hangs up."""
+    import asyncio
+
+    from distributed.comm import connect as comm_connect
+
+    comm = await asyncio.wait_for(comm_connect(address, timeout=timeout_s), timeout_s)
+    await comm.close()
+
+
+def check_address(address: str) -> None:
+    """Refuse, before any connection, an address dask cannot parse (a Client made from one
+    would hang on its way out): a known scheme and, for network schemes, host:port."""
+    from distributed.comm import parse_address
+    from distributed.comm.addressing import parse_host_port
+    from distributed.comm.registry import get_backend
+
+    from pipeline.errors import SchedulerError
+
+    try:
+        scheme, location = parse_address(address)
+        get_backend(scheme)
+        if scheme in ("tcp", "tls", "ws", "wss"):
+            _, port = parse_host_port(location)
+            if not 0 < int(port) < 65536:
+                raise ValueError(f"port {port} outside 1-65535")
+    except (ValueError, TypeError) as exc:
+        raise SchedulerError(f"{address!r} is not a dask scheduler address (tcp://host:port): "
+                             f"{str(exc)[:200]}") from None
+
+
+def _map_distributed(task, items, address, label):
+    from distributed import as_completed
+
+    with connect(address) as client:
         futures = client.map(task, items, pure=False, key=[f"{label}-{i}-{uuid.uuid4().hex[:8]}"
                                                           for i in range(len(items))])
         if show_progress():

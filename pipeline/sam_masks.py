@@ -25,7 +25,7 @@ from typing import Callable, Optional, Sequence
 import numpy as np
 
 from pipeline.errors import BadParamsError
-from pipeline.params import SamParams
+from pipeline.params import DEFAULT_PARAMS, SamParams
 
 SAM_EXTRA = "pip install 'geopixeld[sam]'"
 
@@ -56,14 +56,13 @@ def model_types() -> dict[str, Callable]:
     return {**{k: v for k, v in sa.sam_model_registry.items() if k != "default"}, **_BUILDERS}
 
 
-def resolve_device(device: str) -> str:
+def resolve_device(device: str, source: str = DEFAULT_PARAMS) -> str:
     import torch
 
     if device == "auto":
         return "cuda" if torch.cuda.is_available() else "cpu"
     if device.startswith("cuda") and not torch.cuda.is_available():
-        raise BadParamsError(f"sam.device: {device!r} but no CUDA device is available",
-                             "params.yaml")
+        raise BadParamsError(f"sam.device: {device!r} but no CUDA device is available", source)
     return device
 
 
@@ -72,7 +71,7 @@ def check_checkpoint(params: SamParams) -> Path:
     if not params.checkpoint:
         raise BadParamsError("sam.checkpoint: SAM masks need a checkpoint file (e.g. "
                              "sam_vit_h_4b8939.pth from the segment-anything release)",
-                             "params.yaml")
+                             params.where("checkpoint"))
     path = Path(params.checkpoint).expanduser()
     if not path.is_file():
         raise BadParamsError("sam.checkpoint: file not found", path)
@@ -96,8 +95,8 @@ def load_sam(params: SamParams) -> LoadedSam:
     builders = model_types()
     if params.model_type not in builders:
         raise BadParamsError(f"sam.model_type: {params.model_type!r} is not one of "
-                             f"{sorted(builders)}", "params.yaml")
-    device = resolve_device(params.device)
+                             f"{sorted(builders)}", params.where("model_type"))
+    device = resolve_device(params.device, params.where("device"))
     key = (params.model_type, str(path.resolve()), path.stat().st_mtime_ns, device)
     with _MODELS_LOCK:
         if key in _MODELS:

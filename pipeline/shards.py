@@ -1,8 +1,9 @@
 """Parquet shards of records: naming, atomic writes, typed reads, staged stage outputs.
 
 A stage writes its whole output folder under a staging name and swaps it in at the end, so a
-killed stage leaves the previous output (or nothing), never a half-written one. Single files are
-written to a temporary name in the same folder and renamed.
+killed stage leaves the previous output (or nothing), never a half-written one
+(`pipeline.output_folders` says which folders a stage may replace). Single files are written to
+a temporary name in the same folder and renamed.
 """
 
 from __future__ import annotations
@@ -10,7 +11,6 @@ from __future__ import annotations
 import json
 import os
 import re
-import shutil
 import tempfile
 from contextlib import contextmanager
 from pathlib import Path
@@ -18,9 +18,10 @@ from typing import Iterable, Iterator, Sequence, TypeVar
 
 import pyarrow as pa
 import pyarrow.parquet as pq
-from pydantic import BaseModel
+from pydantic import BaseModel, ValidationError
 
-from pipeline.errors import BadAnnotationError, UnsafePathError
+from pipeline.errors import BadShardError, UnsafePathError
+from pipeline.output_folders import staged_folder  # noqa: F401 (stages import it from here)
 from schemas import arrow_schema
 
 M = TypeVar("M", bound=BaseModel)
@@ -50,14 +51,20 @@ def safe_join(folder: Path, name: str) -> Path:
 
 
 def list_shards(folder: Path, split: str | None = None) -> list[Path]:
-    """The shard files in `folder` (optionally of one split), in name order."""
+    """The shard files in `folder` (optionally of one split), in name order. A folder that
+    cannot be listed is a BadShardError naming it; one that is missing has no shards."""
+    folder = Path(folder)
     if not folder.is_dir():
         return []
+    try:
+        names = sorted(p.name for p in folder.iterdir())
+    except OSError as exc:
+        raise BadShardError(f"shard folder cannot be listed ({_reason(exc)})", folder) from None
     found = []
-    for p in sorted(folder.iterdir()):
-        m = SHARD_RE.match(p.name)
+    for name in names:
+        m = SHARD_RE.match(name)
         if m and (split is None or m.group("split") == split):
-            found.append(p)
+            found.append(folder / name)
     return found
 
 
@@ -66,8 +73,60 @@ def to_table(records: Sequence[BaseModel], model: type[BaseModel]) -> pa.Table:
     return pa.Table.from_pylist([r.model_dump() for r in records], schema=schema)
 
 
-def from_table(table: pa.Table, model: type[M]) -> list[M]:
-    return [model.model_validate(row) for row in table.to_pylist()]
+def from_table(table: pa.Table, model: type[M], path: Path | str | None = None,
+               fill: dict | None = None) -> list[M]:
+    """The rows of `table` as `model` records (with the fields in `fill` set on each); a row
+    that is not one is a BadShardError naming the row, the field and `path` (its shard)."""
+    records = []
+    for i, row in enumerate(table.to_pylist()):
+        try:
+            records.append(model.model_validate({**row, **fill} if fill else row))
+        except ValidationError as exc:
+            err = exc.errors()[0]
+            key = ".".join(str(p) for p in err["loc"])
+            raise BadShardError(f"row {i} is not a valid {model.__name__} record "
+                                f"({key}: {err['msg']})", path) from None
+    return records
+
+
+def _reason(exc: BaseException) -> str:
+    if isinstance(exc, OSError) and exc.errno:
+        return os.strerror(exc.errno)
+    first = str(exc).strip().splitlines()
+    return first[0][:200] if first else type(exc).__name__
+
+
+def check_shard(path: Path, model: type[BaseModel]) -> pa.Schema:
+    """The Arrow schema of a shard, after checking that it is a Parquet file that holds
+    `model` records: the record type written into its metadata (schemas.arrow_schema), or,
+    for a file without one, every column `model` needs. Anything else is a BadShardError
+    saying what the file holds and what the stage expects."""
+    path = Path(path)
+    if path.is_dir():
+        raise BadShardError("a folder named like a shard, not a Parquet file", path)
+    try:
+        found = pq.read_schema(path)
+    except FileNotFoundError:
+        raise BadShardError("shard not found", path) from None
+    except (pa.ArrowException, OSError, ValueError) as exc:
+        reason = _reason(exc)
+        if "magic bytes" in reason:
+            reason = "no Parquet footer: another kind of file, or a truncated one"
+        raise BadShardError(f"not a Parquet file ({reason})", path) from None
+    meta = found.metadata or {}
+    record = meta.get(b"geopixeld.record", b"").decode("utf-8", "replace")
+    if record and record != model.__name__:
+        raise BadShardError(f"holds {record} records, not the {model.__name__} records this "
+                            "stage reads (a folder of another stage's output?)", path)
+    expected = arrow_schema(model)
+    # an optional column a file lacks reads as null (a shard of an older schema version)
+    missing = [f.name for f in expected if not f.nullable and f.name not in found.names]
+    if missing:
+        what = f"{record} shard" if record else "Parquet file"
+        raise BadShardError(f"this {what} has no column {missing[0]!r} of the {model.__name__} "
+                            "records this stage reads (not a shard of this pipeline, or of "
+                            "another schema version?)", path)
+    return found
 
 
 def _leaf_columns(field: pa.Field, prefix: str = "") -> Iterator[tuple[str, pa.DataType]]:
@@ -117,26 +176,21 @@ def read_records(path: Path, model: type[M], skip_bytes: Sequence[str] = ()) -> 
     """Read one shard into records of `model`. Binary fields named in `skip_bytes` (images a
     stage does not look at) are not read and come back empty: None where optional, else b""."""
     schema = arrow_schema(model)
-    if not skip_bytes:
-        return from_table(pq.read_table(path, schema=schema), model)
     for name in skip_bytes:
         if name not in schema.names or not pa.types.is_binary(schema.field(name).type):
             raise ValueError(f"{model.__name__}.{name} is not a binary field")
-    table = pq.read_table(path, schema=schema,
-                          columns=[n for n in schema.names if n not in skip_bytes])
-    empty = {n: None if schema.field(n).nullable else b"" for n in skip_bytes}
-    return [model.model_validate({**row, **empty}) for row in table.to_pylist()]
-
-
-def read_json(path: Path, what: str) -> object:
-    """Parse a JSON file the user gave; a missing or malformed one is a BadAnnotationError
-    naming `what` and the file."""
+    check_shard(path, model)
     try:
-        return json.loads(Path(path).read_text(encoding="utf-8"))
-    except FileNotFoundError:
-        raise BadAnnotationError(f"{what} not found", path) from None
-    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
-        raise BadAnnotationError(f"{what} is not valid JSON ({exc})", path) from None
+        if not skip_bytes:
+            table = pq.read_table(path, schema=schema)
+        else:
+            table = pq.read_table(path, schema=schema,
+                                  columns=[n for n in schema.names if n not in skip_bytes])
+    except (pa.ArrowException, OSError, ValueError) as exc:
+        raise BadShardError(f"cannot be read as {model.__name__} records (a column of "
+                            f"another type, or a corrupt file: {_reason(exc)})", path) from None
+    empty = {n: None if schema.field(n).nullable else b"" for n in skip_bytes}
+    return from_table(table, model, path, fill=empty)
 
 
 def write_json(path: Path, payload: object) -> Path:
@@ -160,32 +214,6 @@ def atomic_path(path: Path) -> Iterator[Path]:
     finally:
         if tmp.exists():
             tmp.unlink()
-
-
-@contextmanager
-def staged_folder(folder: Path) -> Iterator[Path]:
-    """Yield an empty staging folder that replaces `folder` only if the block succeeds."""
-    folder = Path(folder)
-    folder.parent.mkdir(parents=True, exist_ok=True)
-    # what a killed run of this stage left behind (a run that dies cannot clean up after itself)
-    for stale in folder.parent.glob(f".{folder.name}.staging-*"):
-        shutil.rmtree(stale, ignore_errors=True)
-    for stale in folder.parent.glob(f".{folder.name}.old-*"):
-        shutil.rmtree(stale, ignore_errors=True)
-    staging = Path(tempfile.mkdtemp(prefix=f".{folder.name}.staging-", dir=folder.parent))
-    try:
-        yield staging
-        os.chmod(staging, 0o755)  # mkdtemp makes 0700 folders
-        retired = None
-        if folder.exists():
-            retired = Path(tempfile.mkdtemp(prefix=f".{folder.name}.old-", dir=folder.parent))
-            os.replace(folder, retired / folder.name)
-        os.replace(staging, folder)
-        if retired is not None:
-            shutil.rmtree(retired, ignore_errors=True)
-    finally:
-        if staging.exists():
-            shutil.rmtree(staging, ignore_errors=True)
 
 
 def chunked(items: Sequence[M] | Iterable[M], size: int) -> list[list[M]]:

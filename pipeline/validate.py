@@ -3,7 +3,9 @@
 `validate_record` returns reason codes (empty = valid). `compose` drops any record that fails,
 and the review stage runs the same check on human edits, so a record is never exported half
 right. `sanitize_fragment` refuses annotator text that could forge grounding tags before it is
-woven into a caption (the full output-cleaning module lives in annotators/ later).
+woven into a caption, and normalises it under the text rule (`pipeline.text.normalise_text`:
+escape sequences, control, bidi and invisible characters removed, NFC); the full
+output-cleaning module is `annotators.cleaning`.
 
 Reason codes, in the order they are reported:
   unbalanced_tags      a </p> without its <p>, or a <p> never closed
@@ -13,6 +15,9 @@ Reason codes, in the order they are reported:
   tag_count_mismatch   number of <p> != number of phrases
   phrase_text_mismatch text between the i-th tags != " " + phrases[i].text + " "
   empty_phrase         a phrase with no text
+  unsafe_text          caption or phrase text that the text rule would change: an escape
+                       sequence, a control, bidi or invisible character, a line break or tab,
+                       text not in Unicode NFC (`pipeline.text.text_problem` says which)
   stray_tag            tag-like text outside the grounding tags ("<", ">", "[SEG" pieces)
   leaked_mark          a set-of-marks number in the text ("marked with number 3", "#3", "(3)")
   bad_mask             a mask that pycocotools cannot read
@@ -31,11 +36,13 @@ from typing import Optional
 
 from pipeline import masks
 from pipeline.params import ComposeParams
+from pipeline.text import is_clean_text, normalise_text, text_problem
 from schemas import GroundedRecord
 
 REASONS = (
     "unbalanced_tags", "nested_tags", "seg_not_after_tag", "seg_count_mismatch",
-    "tag_count_mismatch", "phrase_text_mismatch", "empty_phrase", "stray_tag", "leaked_mark",
+    "tag_count_mismatch", "phrase_text_mismatch", "empty_phrase", "unsafe_text", "stray_tag",
+    "leaked_mark",
     "bad_mask", "empty_mask", "mask_size_mismatch", "no_phrases", "too_many_phrases",
     "caption_too_short", "caption_too_long",
 )
@@ -61,12 +68,25 @@ def sanitize_fragment(text: str) -> Optional[str]:
     """Annotator text ready to weave into a caption, or None if it carries tag-like text.
 
     Tag-like text ("<p>", "[SEG]", HTML, a stray "<") would forge or break the text <-> mask
-    alignment, so the fragment is refused as a whole rather than repaired. Whitespace is
-    collapsed to single spaces.
+    alignment, so the fragment is refused as a whole rather than repaired. The text rule is
+    applied (`pipeline.text.normalise_text`: a model's escape sequences, control, bidi and
+    invisible characters are removed, not refused) and whitespace collapsed to single spaces.
     """
+    text = normalise_text(text)
     if _TAG_LIKE_RE.search(text):
         return None
     return " ".join(text.split())
+
+
+def record_text_problem(record: GroundedRecord) -> Optional[str]:
+    """Why the caption or a phrase text of `record` is not clean text (`pipeline.text`), or
+    None when all are."""
+    for where, text in [("caption", record.caption)] + [
+            (f"phrase {i}", p.text) for i, p in enumerate(record.phrases)]:
+        problem = text_problem(text)
+        if problem is not None:
+            return f"{where}: {problem}"
+    return None
 
 
 def has_leaked_mark(text: str) -> bool:
@@ -117,6 +137,8 @@ def validate_record(record: GroundedRecord, params: ComposeParams,
         found.append("phrase_text_mismatch")
     if any(not p.text.strip() for p in phrases):
         found.append("empty_phrase")
+    if not is_clean_text(caption) or any(not is_clean_text(p.text) for p in phrases):
+        found.append("unsafe_text")
 
     outside = _GROUNDING_RE.sub(" ", caption)
     if _TAG_LIKE_RE.search(outside) or any(_TAG_LIKE_RE.search(p.text) for p in phrases):

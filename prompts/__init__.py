@@ -10,14 +10,27 @@ import string
 from functools import lru_cache
 from importlib import resources
 
+from pipeline.errors import BadParamsError
+
 KINDS = ("holistic", "instance", "cluster")
+
+
+class UnknownPromptVersion(BadParamsError, KeyError):
+    """A prompt version with no folder here (a KeyError too, as before)."""
+
+    def __str__(self) -> str:
+        return self.message
 
 
 @lru_cache(maxsize=None)
 def template(kind: str, version: str = "v1") -> str:
-    """The raw template text for a request kind at a prompt version."""
+    """The raw template text for a request kind at a prompt version (one of `versions()`:
+    a version is a folder name here, never a path)."""
     if kind not in KINDS and not kind.replace("_", "").isalnum():
         raise KeyError(f"unknown prompt kind {kind!r}")
+    if version not in versions():
+        raise UnknownPromptVersion(f"prompt version {version!r} not found; available: "
+                                   f"{', '.join(versions())} (folders of prompts/)")
     path = resources.files(__name__).joinpath(version, f"{kind}.txt")
     if not path.is_file():
         raise KeyError(f"no prompt {kind!r} at version {version!r}")
@@ -37,6 +50,12 @@ def render(kind: str, version: str = "v1", **values: object) -> str:
     return template(kind, version).format(**values)
 
 
+@lru_cache(maxsize=1)
+def _versions() -> tuple[str, ...]:
+    return tuple(sorted(p.name for p in resources.files(__name__).iterdir()
+                        if p.is_dir() and p.name.startswith("v")))
+
+
 def versions() -> list[str]:
-    return sorted(p.name for p in resources.files(__name__).iterdir()
-                  if p.is_dir() and p.name.startswith("v"))
+    """The prompt versions: the folders v* of this package."""
+    return list(_versions())

@@ -90,3 +90,14 @@ def assert_refused(args: list[str], workspace: Path, *needles: str, code: int = 
 def copy_tree(src: Path, dst: Path) -> Path:
     shutil.copytree(src, dst, symlinks=True)
     return dst
+
+
+def merge(into: dict, extra: dict) -> dict:
+    """`extra` merged into `into` key by key (nested dicts merged, other values replaced), as
+    a user edits a params file."""
+    for key, value in extra.items():
+        if isinstance(value, dict) and isinstance(into.get(key), dict):
+            merge(into[key], value)
+        else:
+            into[key] = value
+    return into

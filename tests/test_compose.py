@@ -388,7 +388,7 @@ def test_run_compose_is_byte_identical_across_runs(tmp_path):
     run_compose(Params(), tiles_dir, plan_dir, resp_dir, tmp_path / "b")
     files = sorted(p.relative_to(tmp_path / "a") for p in (tmp_path / "a").rglob("*")
                    if p.is_file())
-    assert len(files) == 5
+    assert len(files) == 6  # 2 shards, 2 dropped shards, report.json and the stage marker
     for rel in files:
         assert (tmp_path / "a" / rel).read_bytes() == (tmp_path / "b" / rel).read_bytes(), rel
 

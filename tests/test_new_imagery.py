@@ -294,9 +294,9 @@ def test_small_scenes_are_packed_into_shards_in_order(tmp_path):
         cv2.imwrite(str(tmp_path / f"{name}.png"), np.full((64, 64, 3), 100, np.uint8))
     jpeg = np.random.default_rng(0).integers(0, 255, (64, 80, 3), dtype=np.uint8)
     cv2.imwrite(str(tmp_path / "d.jpg"), jpeg)
-    report = run_tile_imagery([tmp_path], tmp_path / "tiles", params(prepare={
-        "tiles_per_shard": 3}))
-    shards = list_shards(tmp_path / "tiles")
+    out = tmp_path.parent / f"{tmp_path.name}-tiles"  # outside the images it reads
+    report = run_tile_imagery([tmp_path], out, params(prepare={"tiles_per_shard": 3}))
+    shards = list_shards(out)
     assert [s.name for s in shards] == ["train-00000-of-00002.parquet",
                                         "train-00001-of-00002.parquet"]
     assert [[t.tile_id for t in read_records(s, Tile)] for s in shards] == [["a", "b", "c"],

@@ -9,7 +9,6 @@ import subprocess
 import sys
 from pathlib import Path
 
-import yaml
 
 from loopback_openai import LoopbackOpenAI
 from pipeline.params import Params, to_yaml

@@ -213,7 +213,7 @@ def test_run_plan_twice_gives_identical_bytes(tmp_path, real_tile):
     run_plan(params, tmp_path / "tiles", tmp_path / "one")
     run_plan(params, tmp_path / "tiles", tmp_path / "two")
     one, two = _files(tmp_path / "one"), _files(tmp_path / "two")
-    assert len(one) == 1 + 2 * 4
+    assert len(one) == 2 + 2 * 4  # report, marker, tiles/ and three requests/ kinds
     assert one == two
 
 

@@ -18,6 +18,7 @@ from pipeline.errors import (BadImageError, BadMaskError, DuplicateNameError, Em
                              UnsafePathError)
 from pipeline.params import DataParams, Params, PrepareParams, RunnerParams
 from pipeline.prepare import discover_scenes, run_prepare, tile_scene
+from pipeline.output_folders import MARKER
 from pipeline.shards import list_shards
 
 ID, COLOUR = "_instance_id_RGB", "_instance_color_RGB"
@@ -177,14 +178,17 @@ def test_failed_run_leaves_no_output_and_no_partial_files(tmp_path, isaid_root):
 
     (build / "tiles").mkdir(parents=True)
     (build / "tiles" / "val-00000-of-00001.parquet").write_bytes(b"previous")
+    (build / "tiles" / MARKER).write_text('{"stage": "prepare"}')  # a previous run's output
     with pytest.raises(BadMaskError):
         run_prepare(params, build / "tiles")
-    assert [p.name for p in (build / "tiles").iterdir()] == ["val-00000-of-00001.parquet"]
+    assert sorted(p.name for p in (build / "tiles").iterdir()) == [
+        MARKER, "val-00000-of-00001.parquet"]
     assert (build / "tiles" / "val-00000-of-00001.parquet").read_bytes() == b"previous"
     assert leftovers(tmp_path) == []
 
 
 def test_skip_mode_skips_bad_scenes_and_counts_them(tmp_path, isaid_root):
+    tmp_path, out = tmp_path / "data", tmp_path / "tiles"  # output outside the data root
     for stem in ("P0001", "P0002", "P0003", "P0004", "P0005"):
         write_scene(tmp_path, stem, isaid_root)
     folder = tmp_path / "val" / "images"
@@ -192,7 +196,7 @@ def test_skip_mode_skips_bad_scenes_and_counts_them(tmp_path, isaid_root):
     (folder / f"P0003{ID}.png").unlink()
     _grey(folder / f"P0004{COLOUR}.png")
     params = params_for(tmp_path, scheduler="threads", on_error="skip", tiles_per_shard=1)
-    report = run_prepare(params, tmp_path / "tiles")
+    report = run_prepare(params, out)
     val = report["splits"]["val"]
     assert (val["scenes"], val["scenes_tiled"], val["tiles"]) == (5, 2, 2)
     skipped = {s["scene"]: s for s in val["skipped_scenes"]}
@@ -202,6 +206,6 @@ def test_skip_mode_skips_bad_scenes_and_counts_them(tmp_path, isaid_root):
     assert "missing" in skipped["P0003"]["reason"]
     assert "greyscale" in skipped["P0004"]["reason"]
     assert report["skipped_scenes"] == 3
-    assert [p.name for p in list_shards(tmp_path / "tiles")] == [
+    assert [p.name for p in list_shards(out)] == [
         "val-00000-of-00002.parquet", "val-00001-of-00002.parquet"]
-    assert leftovers(tmp_path) == []
+    assert leftovers(tmp_path.parent) == []

@@ -164,14 +164,15 @@ def test_unknown_palette_colour_is_dropped_and_counted_with_skip(tmp_path, isaid
     paint = _paint_unknown((5, 5, 5))
     write_crop(tmp_path, "val", "P0001", isaid_root, edit=paint)
     params = isaid_params(tmp_path, on_error="skip")
-    report = run_prepare(params, tmp_path / "tiles", splits=["val"])
+    out = tmp_path.parent / f"{tmp_path.name}-tiles"  # outside the data root it reads
+    report = run_prepare(params, out, splits=["val"])
     split = report["splits"]["val"]
     assert split["dropped"] == {"unknown_colour": 1}
     colour_file = str(tmp_path / "val" / "images" / "P0001_instance_color_RGB.png")
     assert split["unknown_colours"] == {colour_file: {"5,5,5": paint.pixels}}
-    tiles = read_records(list_shards(tmp_path / "tiles", "val")[0], Tile)
+    tiles = read_records(list_shards(out, "val")[0], Tile)
     assert paint.target not in {o.object_id for t in tiles for o in t.objects}
-    assert json.loads((tmp_path / "tiles" / "report.json").read_text()) == report
+    assert json.loads((out / "report.json").read_text()) == report
 
 
 def test_unknown_colour_above_the_category_keeps_the_instance_but_is_reported(tmp_path,
@@ -191,7 +192,7 @@ def test_discovery_natural_order_and_skip_images(tmp_path, isaid_root):
         write_crop(tmp_path, "test", stem, isaid_root, box=(0, 0, 40, 40))
     params = isaid_params(tmp_path)
     assert [s.name for s in discover_scenes(params, "test")] == ["P1", "P2", "P10"]
-    report = run_prepare(params, tmp_path / "tiles", splits=["test"])
+    report = run_prepare(params, tmp_path.parent / f"{tmp_path.name}-tiles", splits=["test"])
     assert report["splits"]["test"]["excluded_scenes"] == ["P1527"]
     assert report["splits"]["test"]["tiles"] == 3
 
@@ -223,7 +224,7 @@ def test_run_prepare_writes_shards_that_read_back_as_the_tiles(tmp_path, isaid_r
     out = tmp_path / "tiles"
     report = run_prepare(params, out, splits=["val", "test"])
     names = sorted(p.name for p in out.iterdir())
-    assert names == ["report.json", "test-00000-of-00002.parquet", "test-00001-of-00002.parquet",
+    assert names == [".geopixeld-stage.json", "report.json", "test-00000-of-00002.parquet", "test-00001-of-00002.parquet",
                      "val-00000-of-00003.parquet", "val-00001-of-00003.parquet",
                      "val-00002-of-00003.parquet"]
     val = [t for p in list_shards(out, "val") for t in read_records(p, Tile)]
@@ -244,5 +245,5 @@ def test_run_prepare_is_byte_identical_across_runs_and_schedulers(tmp_path, isai
                         runner=RunnerParams(local_scheduler=scheduler, workers=2))
         run_prepare(params, tmp_path / f"run{i}")
         outs.append({p.name: p.read_bytes() for p in sorted((tmp_path / f"run{i}").iterdir())})
-    assert len(outs[0]) == 7  # 6 shards + report.json
+    assert len(outs[0]) == 8  # 6 shards, report.json and the stage marker
     assert outs[0] == outs[1]

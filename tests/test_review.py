@@ -15,7 +15,7 @@ import pyarrow.parquet as pq
 import pytest
 
 from pipeline import masks
-from pipeline.errors import BadAnnotationError, BadRecordError
+from pipeline.errors import BadDecisionsError, BadRecordError
 from pipeline.export import run_export
 from pipeline.imaging import encode_png, sha256
 from pipeline.params import Params
@@ -181,7 +181,7 @@ def test_no_decisions_file_passes_every_record_unreviewed(build):
 
 
 @pytest.mark.parametrize("line, problem", [
-    ("{not json", "line 2: Invalid JSON"),
+    ("{not json", "line 2 is not valid JSON"),
     ('{"record_id": "x", "content_sha256": "ab", "decision": "maybe"}', "line 2: decision"),
     ('{"record_id": "x", "content_sha256": "ab", "decision": "edit"}', "line 2: a caption"),
 ])
@@ -189,9 +189,9 @@ def test_malformed_decisions_line_names_file_and_line(build, line, problem):
     path = build["decisions"]
     first = path.read_text().splitlines()[0]
     path.write_text(first + "\n" + line + "\n")
-    with pytest.raises(BadAnnotationError) as err:
+    with pytest.raises(BadDecisionsError) as err:
         run_review(_params(True), build["root"] / "records", path, build["root"] / "reviewed")
-    assert err.value.one_line().startswith(f"bad annotation: {path}: {problem}")
+    assert err.value.one_line().startswith(f"bad decisions: {path}: {problem}")
     assert not (build["root"] / "reviewed").exists()
 
 

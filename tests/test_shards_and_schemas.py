@@ -75,17 +75,17 @@ def test_failed_write_leaves_nothing(tmp_path):
 
 def test_staged_folder_keeps_previous_output_on_failure(tmp_path):
     out = tmp_path / "tiles"
-    with staged_folder(out) as staging:
+    with staged_folder(out, stage="prepare") as staging:
         (staging / "a.txt").write_text("first")
     with pytest.raises(RuntimeError):
-        with staged_folder(out) as staging:
+        with staged_folder(out, stage="prepare") as staging:
             (staging / "a.txt").write_text("half")
             raise RuntimeError("killed")
     assert (out / "a.txt").read_text() == "first"
     assert sorted(p.name for p in tmp_path.iterdir()) == ["tiles"]
-    with staged_folder(out) as staging:
+    with staged_folder(out, stage="prepare") as staging:
         (staging / "b.txt").write_text("second")
-    assert sorted(p.name for p in out.iterdir()) == ["b.txt"]
+    assert sorted(p.name for p in out.iterdir()) == [".geopixeld-stage.json", "b.txt"]
 
 
 def test_decode_crop_equals_full_decode_on_random_and_edge_masks():
@@ -116,6 +116,6 @@ def test_staged_folder_removes_what_a_killed_run_left(tmp_path):
     (leftover / "half.parquet").write_bytes(b"half")
     other = tmp_path / ".plan.staging-xyz"       # another stage's: not ours to remove
     other.mkdir()
-    with staged_folder(out) as staging:
+    with staged_folder(out, stage="prepare") as staging:
         (staging / "a.txt").write_text("done")
     assert sorted(p.name for p in tmp_path.iterdir()) == [".plan.staging-xyz", "tiles"]
