@@ -186,6 +186,7 @@ def test_a_pass_that_answers_nothing_exits_3_and_keeps_the_previous_output(works
     assert server.counters.requests >= 10
 
 
+@pytest.mark.slow  # ~25 s; the API-down test covers the rerun in the default run
 def test_paid_answers_are_kept_and_the_rerun_asks_only_the_failed_ones(workspace):
     prompts = instance_prompts(workspace)
     failing = prompts[0]

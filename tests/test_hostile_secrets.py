@@ -91,7 +91,8 @@ def report(ws: Path, kind: str) -> dict:
 # the key in an answer
 
 
-@pytest.mark.parametrize("secret", [KEY, KEY[:10]], ids=["whole_key", "10_char_prefix"])
+@pytest.mark.parametrize("secret", [KEY, pytest.param(KEY[:10], marks=pytest.mark.slow)],
+                         ids=["whole_key", "10_char_prefix"])
 def test_an_answer_holding_the_key_is_written_nowhere(workspace, secret):
     """Every first answer carries the key: it is scrubbed before cleaning, so cleaning refuses
     it ('[redacted]' is tag-like) and asks again; the build completes from the clean answers."""
@@ -130,6 +131,7 @@ def test_answers_that_always_hold_the_key_fail_and_their_errors_hold_no_key(work
     assert not leaks(workspace, HEAD, streams=(proc.stdout, proc.stderr))
 
 
+@pytest.mark.slow  # ~20 s: a whole build through the LLM composer
 def test_the_llm_composer_answer_holding_the_key_is_written_nowhere(workspace):
     def answer(prompt: str, call: int) -> str:
         if "Merge these annotations" in prompt:
@@ -195,7 +197,8 @@ class Echo(LoopbackOpenAI):
         return self
 
 
-@pytest.mark.parametrize("secret", [f"Bearer {KEY}", KEY[:10]], ids=["whole_key", "prefix"])
+@pytest.mark.parametrize("secret", [f"Bearer {KEY}", pytest.param(KEY[:10], marks=pytest.mark.slow)],
+                         ids=["whole_key", "prefix"])
 def test_an_error_body_echoing_the_key_reaches_no_report_and_no_stderr(workspace, secret):
     with Echo(400, secret) as server:
         params = openai_params(workspace, server.base_url)
