@@ -513,7 +513,7 @@ class _Run:
                 if cleaned.ok:
                     self.stats.cache_hits += 1
                     return self._response(
-                        request, status="ok", text=redact(cleaned.text), usage=hit.usage,
+                        request, status="ok", text=cleaned.text, usage=hit.usage,
                         cost_usd=hit.cost_usd, latency_s=hit.latency_s, attempts=hit.attempts,
                         cached=True)
                 stale = True  # stored before a cleaning rule that now refuses it
@@ -557,7 +557,7 @@ class _Run:
         if partial is not None:
             cleaned, raw, served_model = partial
             response = self._response(
-                request, status="ok", text=redact(cleaned.text), cost_usd=cost,
+                request, status="ok", text=cleaned.text, cost_usd=cost,
                 usage=Usage(prompt_tokens=prompt_tokens, completion_tokens=completion_tokens),
                 latency_s=time.monotonic() - started, attempts=attempts)
             if cache is not None:

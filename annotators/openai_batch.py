@@ -136,7 +136,7 @@ class _BatchRun:
             if cleaned.ok:
                 self.stats.cache_hits += 1
                 answers[key] = self._response(
-                    request, status="ok", text=redact(cleaned.text), usage=hit.usage,
+                    request, status="ok", text=cleaned.text, usage=hit.usage,
                     cost_usd=hit.cost_usd, latency_s=hit.latency_s, attempts=hit.attempts,
                     cached=True)
             else:

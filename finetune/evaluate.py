@@ -488,9 +488,8 @@ def run_evaluate_stage(params: Any, records_dir: Path, checkpoint_dir: Path | No
     """
     import sys
 
-    from pipeline.shards import staged_folder
-
     from pipeline.output_folders import check_output_file
+    from pipeline.shards import staged_folder
 
     ev = params.evaluate
     out_dir = Path(out_dir)

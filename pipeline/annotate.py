@@ -241,8 +241,8 @@ def run_annotate(params: Params, kind: str, tiles_dir: Path, plan_dir: Path, out
     if backend.name not in REGISTRY:
         raise BadParamsError(f"annotate.backend.name: backend {backend.name!r} is not available "
                              f"here; available: {sorted(REGISTRY)}", backend.where("name"))
-    # set-up mistakes (a missing API key, ...) stop here, before any work (with the cache's
-    # settings: batch mode needs one; it is not opened here)
+    # set-up mistakes (a missing API key, a bad response cache, ...) stop here, before any
+    # work (with the cache's settings: batch mode needs one, and the cache file is checked)
     made = get_backend(backend, cache=params.annotate.cache)
     local = local_scheduler_for(made, params.runner.local_scheduler)
     tiles_dir, plan_dir, out_dir = Path(tiles_dir), Path(plan_dir), Path(out_dir)

@@ -344,9 +344,8 @@ def _read_report(path: Path) -> dict:
     """A stage's report.json through the guarded readers: unreadable, not UTF-8, not JSON or
     not a JSON object is a BadReportError naming the file."""
     from pipeline.errors import BadReportError
-    from pipeline.user_files import MAX_REPORT_BYTES, read_user_json, refuse_special_file
+    from pipeline.user_files import MAX_REPORT_BYTES, read_user_json
 
-    refuse_special_file(path, "stage report", error=BadReportError)
     data = read_user_json(path, "stage report", max_bytes=MAX_REPORT_BYTES, error=BadReportError)
     if not isinstance(data, dict):
         raise BadReportError(f"stage report is a JSON {type(data).__name__}, not an object", path)

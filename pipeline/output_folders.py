@@ -40,6 +40,13 @@ def _resolved(path: str | Path) -> Path:
     return Path(os.path.abspath(Path(path).expanduser())).resolve()
 
 
+def _inputs(inputs: Iterable[str | Path | None]) -> Iterator[tuple[str | Path, Path]]:
+    """(as given, resolved) of every input named (None and "" are not)."""
+    for given in inputs:
+        if given is not None and str(given) != "":
+            yield given, _resolved(given)
+
+
 def check_output_location(folder: str | Path, inputs: Iterable[str | Path | None] = ()) -> Path:
     """The resolved output folder, after refusing places no stage may replace: a file, the
     file-system root, the home folder, the working folder or a folder holding it, and anything
@@ -55,10 +62,7 @@ def check_output_location(folder: str | Path, inputs: Iterable[str | Path | None
     if out == cwd or out in cwd.parents:
         raise OutputFolderError("is the working folder or holds it; give a folder of its own "
                                 "for the output", shown)
-    for given in inputs:
-        if given is None or str(given) == "":
-            continue
-        source = _resolved(given)
+    for given, source in _inputs(inputs):
         if out == source:
             raise OutputFolderError(f"is also an input ({given}); give another folder", shown)
         if source in out.parents:
@@ -77,31 +81,30 @@ def check_output_file(path: str | Path, inputs: Iterable[str | Path | None] = ()
     target = _resolved(path)
     if target.is_dir():
         raise OutputFolderError("is a folder; give a file name for this output", shown)
-    for given in inputs:
-        if given is None or str(given) == "":
-            continue
-        source = _resolved(given)
+    for given, source in _inputs(inputs):
         if target == source or source in target.parents:
             raise OutputFolderError(f"would overwrite the input {given}; give another file",
                                     shown)
     return target
 
 
-def _marker(folder: Path) -> dict | None:
+def _json_object(path: Path) -> dict:
+    """A small JSON object this module wrote (a marker, a report); {} when it is missing or
+    not one."""
     try:
-        data = json.loads((folder / MARKER).read_text(encoding="utf-8"))
+        data = json.loads(path.read_text(encoding="utf-8"))
     except (OSError, ValueError):
-        return None
-    return data if isinstance(data, dict) else None
+        return {}
+    return data if isinstance(data, dict) else {}
+
+
+def _marker(folder: Path) -> dict:
+    return _json_object(folder / MARKER)
 
 
 def _legacy_stage(folder: Path) -> str | None:
     """The stage a folder written before markers existed says it came from (its report)."""
-    try:
-        data = json.loads((folder / REPORT).read_text(encoding="utf-8"))
-    except (OSError, ValueError):
-        return None
-    stage = data.get("stage") if isinstance(data, dict) else None
+    stage = _json_object(folder / REPORT).get("stage")
     return stage if isinstance(stage, str) else None
 
 
@@ -109,9 +112,9 @@ def written_by(folder: Path) -> str | None:
     """The stage whose marker (or, for older outputs, whose report) is in `folder` or, for a
     sub-folder of a stage's output, in its parent."""
     for place in (folder, folder.parent):
-        marker = _marker(place)
-        if marker and isinstance(marker.get("stage"), str):
-            return marker["stage"]
+        stage = _marker(place).get("stage")
+        if isinstance(stage, str):
+            return stage
     return _legacy_stage(folder)
 
 
@@ -221,16 +224,13 @@ def output_lock(folder: str | Path) -> Iterator[Path]:
 
 
 def _count(report_file: Path, key: str) -> int | None:
-    try:
-        value = json.loads(report_file.read_text(encoding="utf-8")).get(key)
-    except (OSError, ValueError, AttributeError):
-        return None
+    value = _json_object(report_file).get(key)
     return value if isinstance(value, int) and not isinstance(value, bool) else None
 
 
 def _previous_count(folder: Path, key: str) -> int | None:
     marker = _marker(folder)
-    if marker and marker.get("count_key") == key and isinstance(marker.get("count"), int):
+    if marker.get("count_key") == key and isinstance(marker.get("count"), int):
         return marker["count"]
     return _count(folder / REPORT, key)
 

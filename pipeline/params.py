@@ -24,7 +24,7 @@ from pydantic import (AfterValidator, BaseModel, BeforeValidator, ConfigDict, Fi
 
 import prompts
 from pipeline.errors import BadParamsError
-from pipeline.user_files import read_user_text, refuse_special_file
+from pipeline.user_files import read_user_text
 
 OnError = Literal["raise", "skip"]
 
@@ -443,9 +443,7 @@ class AnnotateParams(Section):
         0.0, ge=0, le=1, description="share of a pass's requests that may still fail after "
         "their retries before the stage fails (exit 3; answers already paid for stay in the "
         "cache and the next run asks only the failed ones): 0 = any failure fails the stage. "
-        "For the openai backend, whose failures a later run may answer; the template and "
-        "transformers backends answer deterministically: theirs are counted (and "
-        "compose.max_dropped_share still applies)")
+        "The same rule for every backend")
 
 
 class ComposeParams(Section):
@@ -746,7 +744,6 @@ def load_params(path: str | Path = DEFAULT_PARAMS, *, required: bool = False) ->
     path = Path(path)
     if not required and not path.exists() and not path.is_symlink():
         return parse_params({}, path)
-    refuse_special_file(path, "params file", error=BadParamsError)
     text = read_user_text(path, "params file", max_bytes=MAX_PARAMS_BYTES, error=BadParamsError)
     try:
         raw = yaml.load(text, Loader=_StrictLoader)  # noqa: S506 (a SafeLoader)

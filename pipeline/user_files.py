@@ -176,16 +176,3 @@ def read_user_json(path: str | Path, what: str, *, max_bytes: int = MAX_JSON_BYT
     """Read and parse a user JSON file through the guards above."""
     text = read_user_text(path, what, max_bytes=max_bytes, error=error)
     return parse_json(text, what, path, max_depth=max_depth, error=error)
-
-
-def refuse_special_file(path: str | Path, what: str, *,
-                        error: type[GeoPixelDError] = BadAnnotationError) -> None:
-    """Refuse a device, FIFO or socket where a file is expected, before anything else looks at
-    it (`read_user_bytes` refuses them too). Missing paths and folders are left to the
-    readers, which name them."""
-    try:
-        mode = Path(path).stat().st_mode
-    except OSError:
-        return
-    if not (stat.S_ISREG(mode) or stat.S_ISDIR(mode)):
-        raise error(f"{what} is not a regular file (a device, pipe or socket)", path)
