@@ -1,7 +1,7 @@
 """Measured attributes of objects and scenes: the facts the template backend may state.
 
 Every word the template backend writes about a tile comes from the tile's measurements
-(`pipeline.measure`, taken once by plan and stored in `TilePlan.measurements`), so nothing is
+(`pipeline.geometry.measure`, taken once by plan and stored in `TilePlan.measurements`), so nothing is
 invented: a colour is the median colour under the mask, a size is an area ratio, an orientation
 is the long side of `cv2.minAreaRect`, an arrangement is a fit of the members' centroids, the
 ground is the share of each measured cover class.
@@ -20,11 +20,12 @@ from typing import Mapping, Sequence
 import cv2
 import numpy as np
 
-from pipeline import measure
-from pipeline.categories import plural, readable
-from pipeline.errors import BadMaskError
-from pipeline.imaging import decode_png
-from pipeline.priors import instance_masks
+from pipeline.core.errors import BadMaskError
+from pipeline.core.imaging import decode_png
+from pipeline.geometry import measure
+from pipeline.geometry.categories import plural, readable
+from pipeline.geometry.grid import pixel_position, region_name
+from pipeline.geometry.priors import instance_masks
 from schemas import Tile, TileMeasurements
 
 # --- colour names (OpenCV HSV: hue 0..179, saturation and value 0..255) ---------------------
@@ -87,7 +88,7 @@ SCATTERED_MIN_SPACING = 5.0
 MOSTLY_MIN_SHARE = 0.75       # a colour this common among members is "mostly"
 PARKED_CATEGORIES = {"small_vehicle", "large_vehicle", "plane", "helicopter"}
 
-# --- ground cover (the classes are counted by pipeline.measure) ---------------------------------
+# --- ground cover (the classes are counted by pipeline.geometry.measure) ---------------------------------
 COVER_MOSTLY_MIN_SHARE = 0.5      # a dominant cover this common is "mostly"
 COVER_SECONDARY_MIN_SHARE = 0.12   # a second cover this common is mentioned
 COVER_EVERYWHERE_MIN_SHARE = 0.8   # dominant in every cell at this share = "across the image"
@@ -99,11 +100,6 @@ FRACTION_WORDS: tuple[tuple[float, str], ...] = (
     (0.9, "nearly all"), (0.7, "most"), (0.55, "more than half"), (0.42, "about half"),
     (0.28, "about a third"), (0.18, "about a quarter"), (0.08, "about a tenth"),
     (0.0, "a small part"))
-
-CELL_NAMES_3X3 = (("top left", "top", "top right"),
-                  ("left", "center", "right"),
-                  ("bottom left", "bottom", "bottom right"))
-
 
 # =============================================================================================
 # Words
@@ -276,7 +272,7 @@ class Shape:
 
 
 def mask_shape(mask: np.ndarray) -> Shape:
-    """The Shape of a binary mask (`pipeline.measure.mask_shape`), in its own coordinates."""
+    """The Shape of a binary mask (`pipeline.geometry.measure.mask_shape`), in its own coordinates."""
     cx, cy, long, short, angle = measure.mask_shape(mask)
     return Shape(cx=cx, cy=cy, long=long, short=short, angle=angle)
 
@@ -295,24 +291,10 @@ def orientation_words(shape: Shape) -> str | None:
     return "oriented diagonally from bottom left to top right"
 
 
-def cell_name(row: int, col: int, grid: int = 3) -> str:
-    """Name of a grid cell; the 3x3 names are the paper's positional prior."""
-    if grid == 3:
-        return CELL_NAMES_3X3[row][col]
-    return f"row {number_word(row + 1)}, column {number_word(col + 1)}"
-
-
-def grid_cell(x: float, y: float, width: int, height: int, grid: int = 3) -> str:
-    """The grid cell holding point (x, y)."""
-    col = min(grid - 1, max(0, int(x * grid / width)))
-    row = min(grid - 1, max(0, int(y * grid / height)))
-    return cell_name(row, col, grid)
-
-
 def cell_shares(counts: Sequence[int], grid: int = 3) -> dict[str, float]:
     """Share of the pixels in each grid cell, from per-cell pixel counts (row-major)."""
     total = float(sum(counts))
-    return {cell_name(k // grid, k % grid, grid): (counts[k] / total if total else 0.0)
+    return {region_name(grid, grid, k // grid, k % grid): (counts[k] / total if total else 0.0)
             for k in range(grid * grid)}
 
 
@@ -505,7 +487,7 @@ class TileMeasure:
             rgb = (o.rgb[0], o.rgb[1], o.rgb[2])
             self.objects[o.object_id] = ObjectMeasure(
                 object_id=o.object_id, category=o.category, area=o.area, shape=shape, rgb=rgb,
-                colour=colour_name(rgb), cell=grid_cell(o.cx, o.cy, self.width, self.height, grid))
+                colour=colour_name(rgb), cell=pixel_position(o.cx, o.cy, self.width, self.height, grid))
 
     @property
     def grid(self) -> int:
@@ -576,7 +558,7 @@ def describe_group(measure: TileMeasure, object_ids: Sequence[int],
         "arrangement": group_arrangement([o.shape for o in members],
                                          [o.area for o in members], category),
         "colours": colour_mix([o.colour for o in members]),
-        "cell": grid_cell(cx, cy, measure.width, measure.height, measure.grid),
+        "cell": pixel_position(cx, cy, measure.width, measure.height, measure.grid),
     }
 
 

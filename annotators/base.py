@@ -12,7 +12,7 @@ import inspect
 from dataclasses import dataclass, field
 from typing import Mapping, Protocol, Sequence, runtime_checkable
 
-from pipeline.params import BackendParams, CacheParams
+from pipeline.core.params import BackendParams, CacheParams
 from schemas import Request, Response, Tile, TilePlan
 
 

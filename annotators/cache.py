@@ -27,8 +27,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Iterator, Mapping, Optional, Sequence
 
-from pipeline.errors import BadCacheError
-from pipeline.params import CacheParams
+from pipeline.core.errors import BadCacheError
+from pipeline.core.params import CacheParams
 from schemas import Response, Usage
 
 _SCHEMA = """

@@ -2,7 +2,7 @@
 
 `clean_output(text, request, limits)` either returns the text ready to weave into a caption
 (with the list of fixes it applied) or refuses it with a reason code. Fixes are made only where
-they cannot change what the answer says: the text rule (`pipeline.text.normalise_text`:
+they cannot change what the answer says: the text rule (`pipeline.core.text.normalise_text`:
 terminal escape sequences, bidi controls, zero-width and other invisible characters removed,
 NFC), markdown, "Sure, here is..." preambles, wrapping quotes, a leaked set-of-marks number
 whose removal leaves a sound sentence, sentences beyond what the prompt asked for, a run-away
@@ -34,7 +34,7 @@ import unicodedata
 from dataclasses import dataclass, field
 from typing import Mapping, Optional
 
-from pipeline.text import ESCAPE_SEQUENCE_RE, normalise_text
+from pipeline.core.text import ESCAPE_SEQUENCE_RE, normalise_text
 from schemas import Request
 
 REASONS = ("ok", "empty", "junk", "tags", "refusal", "mark_number", "repetition", "too_short",

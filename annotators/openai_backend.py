@@ -14,7 +14,7 @@ no HTTP call; its usage and cost are those of the original call, so the spend of
 the sum over cached=False responses) and each success is stored as soon as it arrives.
 
 The API key is read from the environment variable named by `openai.api_key_env` when a run
-starts (and registered with `pipeline.errors.register_secret` in the process that reads it, a
+starts (and registered with `pipeline.core.errors.register_secret` in the process that reads it, a
 worker process included); it is never stored on the backend, in the cache, in a response or in a
 message: answers and error texts are scrubbed of it (whole, or any 8+ character prefix) before
 they are cleaned, cached or recorded. Credentials in `base_url` (https://user:pass@host) are
@@ -22,12 +22,12 @@ registered alike and `public_url` leaves them out wherever the server is named.
 
 A 200 answer without choices, or whose content is empty or missing, is a failed attempt
 (retried, then recorded as failed), never an empty answer. The stage fails when too many
-requests still fail (`pipeline.failure_policy`).
+requests still fail (`pipeline.core.failure_policy`).
 
 Two request kinds besides the paper's passes: `instance_batch` (every mark of a patch in one
 call) is sent with structured output (a JSON schema) and its answer is split into per-mark
 descriptions, each cleaned like an instance answer; `compose` (the LLM composer's paragraph) is
-passed on as written, for `annotators.llm_composer` to validate. A request with an empty image
+passed on as written, for `pipeline.stages.compose.llm` to validate. A request with an empty image
 hash is sent as text only. With `openai.mode: batch` a shard goes through the Batch API instead
 (`annotators.openai_batch`).
 """
@@ -39,16 +39,16 @@ import base64
 import email.utils
 import json
 import logging
-import re
 import os
 import random
+import re
 import time
-from urllib.parse import urlsplit, urlunsplit
 from collections import Counter
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
 from typing import Mapping, Optional, Sequence
+from urllib.parse import urlsplit, urlunsplit
 
 import cv2
 import numpy as np
@@ -56,9 +56,9 @@ import numpy as np
 from annotators.base import AnnotationContext
 from annotators.cache import CachedAnswer, ResponseCache, cache_key
 from annotators.cleaning import Cleaned, CleaningLimits, clean_output, drop_unfinished_sentence
-from pipeline.errors import BadImageError, BadParamsError, register_secret, scrub
-from pipeline.imaging import PNG_SIGNATURE
-from pipeline.params import BackendParams, OpenAIParams
+from pipeline.core.errors import BadImageError, BadParamsError, register_secret, scrub
+from pipeline.core.imaging import PNG_SIGNATURE
+from pipeline.core.params import BackendParams, OpenAIParams
 from schemas import Request, Response, Usage
 
 log = logging.getLogger(__name__)

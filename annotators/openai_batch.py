@@ -30,11 +30,21 @@ from annotators.base import AnnotationContext
 from annotators.cache import OpenBatch
 from annotators.cleaning import Cleaned
 from annotators.openai_backend import (
-    ERROR_CHARS, MARKS_MISSING, RETRY_STATUSES, SETUP_STATUSES, OpenAIBackend, answer_for,
-    api_key, clean_answer, marks_count, public_url, redact, retry_after_seconds,
+    ERROR_CHARS,
+    MARKS_MISSING,
+    RETRY_STATUSES,
+    SETUP_STATUSES,
+    OpenAIBackend,
+    answer_for,
+    api_key,
+    clean_answer,
+    marks_count,
+    public_url,
+    redact,
+    retry_after_seconds,
     without_cut_sentence,
 )
-from pipeline.errors import BadImageError, BadParamsError
+from pipeline.core.errors import BadImageError, BadParamsError
 from schemas import Request, Response, Usage
 
 ENDPOINT = "/v1/chat/completions"

@@ -1,7 +1,7 @@
 """The offline template backend: short descriptions written from measured attributes.
 
 No model is involved: every colour, size, orientation, position, arrangement and count it states
-is measured on the tile's pixels and masks, once, by plan (`pipeline.measure`, stored in
+is measured on the tile's pixels and masks, once, by plan (`pipeline.geometry.measure`, stored in
 `TilePlan.measurements`; a tile handed over without its plan is measured here). It answers the
 three request kinds the way the paper's prompts ask (four short sentences; one sentence per
 marked object; one sentence per cluster), never mentions a mark number (it writes no digits at
@@ -18,9 +18,9 @@ from typing import Callable, Sequence
 
 from annotators import attributes as attr
 from annotators.base import AnnotationContext
-from pipeline.categories import plural, readable
-from pipeline.errors import BadImageError
-from pipeline.params import BackendParams
+from pipeline.core.errors import BadImageError
+from pipeline.core.params import BackendParams
+from pipeline.geometry.categories import plural, readable
 from schemas import Request, Response, Usage
 
 # Latency is measured, then floored to this resolution: template answers take milliseconds, and

@@ -59,8 +59,8 @@ from annotators.base import AnnotationContext
 from annotators.cache import ResponseCache, cache_key
 from annotators.cleaning import CleaningLimits, drop_unfinished_sentence
 from annotators.openai_backend import clean_answer
-from pipeline.errors import BadImageError, BadParamsError
-from pipeline.params import BackendParams
+from pipeline.core.errors import BadImageError, BadParamsError
+from pipeline.core.params import BackendParams
 from schemas import Request, Response, Usage
 
 NAME = "transformers"

@@ -59,7 +59,7 @@ def patch_png() -> tuple[str, bytes]:
     """A 64 x 64 patch of a bundled iSAID image, as PNG, with its sha256."""
     import cv2
 
-    from pipeline.imaging import encode_png, sha256
+    from pipeline.core.imaging import encode_png, sha256
 
     bgr = cv2.imread(str(REPO / "data" / "isaid" / "val" / "images" / "P0003.png"))
     png = encode_png(cv2.cvtColor(bgr[200:264, 300:364], cv2.COLOR_BGR2RGB).copy())
@@ -84,7 +84,7 @@ def run_once(base_url: str, n: int, concurrency: int, tag: str, use_cache: bool,
     from annotators.base import AnnotationContext
     from annotators.cache import ResponseCache
     from annotators.openai_backend import OpenAIBackend
-    from pipeline.params import BackendParams, OpenAIParams
+    from pipeline.core.params import BackendParams, OpenAIParams
 
     sha, png = patch_png()
     requests = make_requests(n, tag, sha)
@@ -185,7 +185,7 @@ def main() -> None:
         server.join(timeout=10)
 
     from annotators.openai_backend import async_http_client
-    from pipeline.params import OpenAIParams
+    from pipeline.core.params import OpenAIParams
 
     auto = "aiohttp" if async_http_client(OpenAIParams()) is not None else "httpx"
     print(f"openai backend vs loopback server: latency {args.latency * 1000:.0f} ms, "

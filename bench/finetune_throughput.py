@@ -34,18 +34,23 @@ sys.path.insert(0, str(REPO))
 sys.path.insert(0, str(REPO / "tests"))
 
 import torch  # noqa: E402
+from tiny_models import CHAT_TEMPLATE, TINY_SAM_SHAPE, tiny_qwen25_vl_config, tiny_tokenizer  # noqa: E402
 
 from finetune.data import ListSamples, to_device  # noqa: E402
 from finetune.evaluate import BagOfWordsEncoder, GTItem, PredItem, evaluate_gcg  # noqa: E402
-from finetune.model import (IGNORE_INDEX, SAM_SHAPES, ModelSpec, SamShape,  # noqa: E402
-                            build_geopixel_model, build_sam)
+from finetune.model import (  # noqa: E402
+    IGNORE_INDEX,
+    SAM_SHAPES,
+    ModelSpec,
+    SamShape,
+    build_geopixel_model,
+    build_sam,
+)
 from finetune.predict import generate_predictions  # noqa: E402
 from finetune.train import train  # noqa: E402
-from pipeline.geopixel_format import read_geopixel  # noqa: E402
-from pipeline.params import EvaluateParams, FinetuneParams  # noqa: E402
+from pipeline.core.params import EvaluateParams, FinetuneParams  # noqa: E402
+from pipeline.formats.geopixel_format import read_geopixel  # noqa: E402
 from schemas import RLE  # noqa: E402
-from tiny_models import (CHAT_TEMPLATE, TINY_SAM_SHAPE, tiny_qwen25_vl_config,  # noqa: E402
-                         tiny_tokenizer)
 
 SAMPLE_LIST = REPO / "data" / "geopixeld_sample" / "GeoPixelD.json"
 QWEN25_VL_7B_TEXT = dict(hidden_size=3584, intermediate_size=18944, num_hidden_layers=28,
@@ -63,9 +68,13 @@ QWEN25_VL_7B_VISION = dict(depth=32, hidden_size=1280, intermediate_size=3420, n
 
 def build(shape: str, device: torch.device, corpus: list[str]):
     """(GeoPixel model, processor, spec) with random weights, built on `device`."""
-    from transformers import (Qwen2_5_VLConfig, Qwen2_5_VLForConditionalGeneration,
-                              Qwen2_5_VLProcessor, Qwen2VLImageProcessor,
-                              Qwen2VLVideoProcessor)
+    from transformers import (
+        Qwen2_5_VLConfig,
+        Qwen2_5_VLForConditionalGeneration,
+        Qwen2_5_VLProcessor,
+        Qwen2VLImageProcessor,
+        Qwen2VLVideoProcessor,
+    )
 
     tokenizer = tiny_tokenizer(corpus)
     config = tiny_qwen25_vl_config(tokenizer)

@@ -38,16 +38,22 @@ import transformers
 REPO = Path(__file__).resolve().parent.parent
 sys.path[:0] = [str(REPO), str(REPO / "tests")]
 
+from tiny_vlm import (  # noqa: E402
+    TINY_MAX_PIXELS,
+    prompt_texts,
+    qwen25_vl_config,
+    qwen25_vl_processor,
+    random_qwen25_vl,
+    train_tokenizer,
+)
+
 import prompts  # noqa: E402
 from annotators.base import AnnotationContext  # noqa: E402
-from annotators.transformers_backend import (  # noqa: E402
-    LoadedModel, Sampling, TransformersBackend, chat_text)
-from pipeline.categories import ISAID_PALETTE, plural, readable  # noqa: E402
-from pipeline.imaging import encode_png, sha256  # noqa: E402
-from pipeline.params import BackendParams  # noqa: E402
+from annotators.transformers_backend import LoadedModel, Sampling, TransformersBackend, chat_text  # noqa: E402
+from pipeline.core.imaging import encode_png, sha256  # noqa: E402
+from pipeline.core.params import BackendParams  # noqa: E402
+from pipeline.geometry.categories import ISAID_PALETTE, plural, readable  # noqa: E402
 from schemas import Request  # noqa: E402
-from tiny_vlm import (TINY_MAX_PIXELS, prompt_texts, qwen25_vl_config,  # noqa: E402
-                      qwen25_vl_processor, random_qwen25_vl, train_tokenizer)
 
 # Qwen2.5-VL-7B-Instruct's config.json (text and vision towers).
 SHAPE_7B = dict(

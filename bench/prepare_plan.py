@@ -117,7 +117,7 @@ class PeakMemory:
 
 
 def _floor_task(scene, tile_size: int, stride: int, compression: int) -> int:
-    from pipeline.imaging import encode_png, read_image
+    from pipeline.core.imaging import encode_png, read_image
 
     image = read_image(scene, max_pixels=1 << 62)
     for suffix in SUFFIXES[1:]:
@@ -139,8 +139,8 @@ def _floor_task(scene, tile_size: int, stride: int, compression: int) -> int:
 def child_floor(root: Path, workers: int) -> dict:
     from functools import partial
 
-    from pipeline.params import Params
-    from pipeline.runner import map_shards
+    from pipeline.core.params import Params
+    from pipeline.core.runner import map_shards
 
     p = Params()
     scenes = sorted(p for p in (root / "train" / "images").glob("*.png") if "_" not in p.stem)
@@ -153,14 +153,14 @@ def child_floor(root: Path, workers: int) -> dict:
 
 def child_pipeline(root: Path, out: Path, workers: int, stages: str,
                    scheduler: str | None) -> dict:
-    from pipeline.params import DataParams, Params, RunnerParams
+    from pipeline.core.params import DataParams, Params, RunnerParams
 
     runner = RunnerParams(workers=workers)
     if scheduler:
         runner = runner.model_copy(update={"local_scheduler": scheduler})
     p = Params(data=DataParams(root=str(root), splits=["train"]), runner=runner)
-    from pipeline.plan import run_plan
-    from pipeline.prepare import run_prepare
+    from pipeline.stages.plan import run_plan
+    from pipeline.stages.prepare import run_prepare
 
     t0 = time.perf_counter()
     timings = {}
@@ -169,9 +169,9 @@ def child_pipeline(root: Path, out: Path, workers: int, stages: str,
     run_plan(p, out / "tiles", out / "plan")
     timings["plan"] = time.perf_counter() - t0 - sum(timings.values())
     if stages == "all":
-        from pipeline.annotate import run_annotate
-        from pipeline.compose import run_compose
-        from pipeline.export import run_export
+        from pipeline.stages.annotate import run_annotate
+        from pipeline.stages.compose.stage import run_compose
+        from pipeline.stages.export import run_export
 
         for kind in ("holistic", "instance", "cluster"):
             run_annotate(p, kind, out / "tiles", out / "plan", out / "responses" / kind)

@@ -3,7 +3,7 @@
 Side by side in one run, on the same random tiles and boxes, with a random-initialised model
 (no checkpoint: speed does not depend on the weights):
 
-  once/tile, batched   the pipeline's path (pipeline.sam_masks.box_masks): set_image once per
+  once/tile, batched   the pipeline's path (pipeline.sources.sam_masks.box_masks): set_image once per
                        tile, then predict_torch on `--batch` boxes at a time
   once/tile, 1 by 1    set_image once per tile, predict_torch one box at a time
   once/box             set_image for every box, then predict_torch on it (what a loop over
@@ -56,7 +56,7 @@ def workload(args) -> tuple[list[np.ndarray], list[np.ndarray]]:
 
 
 def once_per_tile_batched(sam, tiles, boxes, args) -> int:
-    from pipeline.sam_masks import box_masks
+    from pipeline.sources.sam_masks import box_masks
 
     made = 0
     for tile, b in zip(tiles, boxes):
@@ -113,8 +113,9 @@ def main() -> None:
     torch.set_num_threads(args.threads)
     torch.manual_seed(0)
 
-    from pipeline.sam_masks import LoadedSam
     import threading
+
+    from pipeline.sources.sam_masks import LoadedSam
 
     model = build(args).to(args.device).eval()
     sam = LoadedSam(model=model, device=args.device, lock=threading.Lock())

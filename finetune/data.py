@@ -2,10 +2,10 @@
 
 A sample is one grounded record: its tile image, its caption (`<p> phrase </p> [SEG]` ...) and
 one mask per [SEG], in order. Parquet shards (`build/export/parquet`, schema in
-`pipeline.export`) are read as they are, no conversion: captions and masks are indexed up
+`pipeline.stages.export`) are read as they are, no conversion: captions and masks are indexed up
 front, images are read by row group when a sample is asked for, so memory stays bounded by a
 row group, not by the split. A GeoPixel list (`GeoPixelD.json`) is read with
-`pipeline.geopixel_format.read_geopixel`.
+`pipeline.formats.geopixel_format.read_geopixel`.
 
 `Collator` turns samples into model inputs: the chat prompt (image + question) through the
 model's processor, the caption tokenised after it (labels only on the answer), the tile
@@ -23,12 +23,12 @@ import numpy as np
 import pyarrow.parquet as pq
 import torch
 
-from pipeline import masks as rle_masks
-from pipeline.errors import BadParamsError, BadRecordError, EmptyInputError
-from pipeline.geopixel_format import SEG, read_geopixel
-from pipeline.imaging import decode_image
-from pipeline.params import PrepareParams
-from pipeline.shards import SHARD_RE, list_shards
+from pipeline.core.errors import BadParamsError, BadRecordError, EmptyInputError
+from pipeline.core.imaging import decode_image
+from pipeline.core.params import PrepareParams
+from pipeline.core.shards import SHARD_RE, list_shards
+from pipeline.formats.geopixel_format import SEG, read_geopixel
+from pipeline.geometry import masks as rle_masks
 from schemas import RLE
 
 IGNORE_INDEX = -100

@@ -59,12 +59,12 @@ from pycocotools import mask as mask_utils
 from pycocotools.coco import COCO
 from pycocotools.cocoeval import COCOeval
 
-from pipeline import masks
-from pipeline.errors import BadAnnotationError, BadMaskError, EmptyInputError, printable
-from pipeline.geometry import check_rle
-from pipeline.shards import list_shards, read_records, write_json
-from pipeline.user_files import read_user_json
-from schemas import RLE, GroundedRecord
+from pipeline.core.errors import BadAnnotationError, BadMaskError, EmptyInputError, printable
+from pipeline.core.shards import list_shards, read_records, write_json
+from pipeline.core.user_files import read_user_json
+from pipeline.geometry import masks
+from pipeline.geometry.checks import check_rle
+from schemas import RLE, SEG, GroundedRecord
 
 log = logging.getLogger(__name__)
 
@@ -171,7 +171,7 @@ class BertMeanPoolEncoder:
 
 def plain_caption(text: str) -> str:
     """Caption without `<p>` tags and [SEG] tokens, spaces collapsed (GLaMM's cleaning)."""
-    return " ".join(_TAG_RE.sub("", text).replace("[SEG]", "").split()).strip("'").strip()
+    return " ".join(_TAG_RE.sub("", text).replace(SEG, "").split()).strip("'").strip()
 
 
 def ground_truth_item(record: GroundedRecord) -> GTItem:
@@ -188,7 +188,7 @@ def load_ground_truth(records_dir: Path, split: str) -> list[GTItem]:
 
 
 def _prediction_rle(value: Any, where: str, path: Path) -> RLE:
-    # typed size, counts covering the frame exactly (pipeline.geometry), before any decoding
+    # typed size, counts covering the frame exactly (pipeline.geometry.checks), before any decoding
     checked = check_rle(value, None, None, where, path)
     size, counts = checked["size"], checked["counts"]
     if isinstance(counts, list):
@@ -488,8 +488,8 @@ def run_evaluate_stage(params: Any, records_dir: Path, checkpoint_dir: Path | No
     """
     import sys
 
-    from pipeline.output_folders import check_output_file
-    from pipeline.shards import staged_folder
+    from pipeline.core.output_folders import check_output_file
+    from pipeline.core.shards import staged_folder
 
     ev = params.evaluate
     out_dir = Path(out_dir)

@@ -28,8 +28,9 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from pipeline.errors import BadParamsError
-from pipeline.user_files import read_user_json
+from pipeline.core.errors import BadParamsError
+from pipeline.core.user_files import read_user_json
+from schemas import SEG
 
 SAM_CONFIG_NAME = "sam_config.json"
 IGNORE_INDEX = -100
@@ -66,8 +67,13 @@ SAM_SHAPES = {
 
 def build_sam(shape: SamShape):
     """A randomly initialised `segment_anything.modeling.Sam` of `shape` (as its registry does)."""
-    from segment_anything.modeling import (ImageEncoderViT, MaskDecoder, PromptEncoder, Sam,
-                                           TwoWayTransformer)
+    from segment_anything.modeling import (
+        ImageEncoderViT,
+        MaskDecoder,
+        PromptEncoder,
+        Sam,
+        TwoWayTransformer,
+    )
 
     grid = shape.image_size // shape.patch_size
     return Sam(
@@ -275,7 +281,7 @@ class ModelSpec:
     base_model_path: str
     sam_model_type: str
     sam_checkpoint_path: str
-    seg_token: str = "[SEG]"
+    seg_token: str = SEG
     question: str = ""
     max_answer_tokens: int = 1536
     lora_r: int = 8

@@ -25,12 +25,12 @@ import torch
 
 from finetune.data import Collator, Sample, open_samples, to_device
 from finetune.model import GeoPixelModel, ModelSpec, load_geopixel_model, resolve_device
-from pipeline import masks as rle_masks
-from pipeline.errors import BadParamsError
-from pipeline.geopixel_format import SEG
-from pipeline.params import EvaluateParams
-from pipeline.shards import atomic_path
-from pipeline.user_files import read_user_json
+from pipeline.core.errors import BadParamsError
+from pipeline.core.params import EvaluateParams
+from pipeline.core.shards import atomic_path
+from pipeline.core.user_files import read_user_json
+from pipeline.formats.geopixel_format import SEG
+from pipeline.geometry import masks as rle_masks
 
 SPEC_FILE = "geopixel.json"
 TRAINED_PHRASE_RE = re.compile(r"<p>\s*(.*?)\s*</p>\s*$", re.S)

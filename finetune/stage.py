@@ -9,9 +9,9 @@ from __future__ import annotations
 import sys
 from pathlib import Path
 
-from pipeline.errors import printable
-from pipeline.params import Params
-from pipeline.shards import staged_folder, write_json
+from pipeline.core.errors import printable
+from pipeline.core.params import Params
+from pipeline.core.shards import staged_folder, write_json
 
 
 def skip_report(reason: str) -> dict:

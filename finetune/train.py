@@ -38,14 +38,19 @@ from typing import Any, Callable, Iterator
 import numpy as np
 import torch
 
-from finetune.stage import run_finetune, skip_report  # noqa: F401 (the stage's entry point)
-
 from finetune.data import Collator, open_samples, to_device
-from finetune.model import (GeoPixelModel, LossWeights, ModelSpec, load_geopixel_model,
-                            resolve_device, spec_from_params)
-from pipeline.errors import BadParamsError
-from pipeline.params import FinetuneParams, Params
-from pipeline.shards import atomic_path, staged_folder, write_json
+from finetune.model import (
+    GeoPixelModel,
+    LossWeights,
+    ModelSpec,
+    load_geopixel_model,
+    resolve_device,
+    spec_from_params,
+)
+from finetune.stage import run_finetune, skip_report  # noqa: F401 (the stage's entry point)
+from pipeline.core.errors import BadParamsError
+from pipeline.core.params import FinetuneParams, Params
+from pipeline.core.shards import atomic_path, staged_folder, write_json
 
 CHECKPOINT_PREFIX = "step-"
 SPEC_FILE = "geopixel.json"

@@ -17,8 +17,8 @@ import typer
 from rich.console import Console
 from rich.table import Table
 
-from pipeline.errors import GeoPixelDError, printable
-from pipeline.params import Params, load_params, override_params
+from pipeline.core.errors import GeoPixelDError, printable
+from pipeline.core.params import Params, load_params, override_params
 
 app = typer.Typer(
     add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False,
@@ -28,7 +28,7 @@ ParamsOpt = Annotated[Path, typer.Option("--params", help="params.yaml to read (
 SchedulerOpt = Annotated[Optional[str], typer.Option(
     "--scheduler", envvar="DASK_SCHEDULER_ADDRESS",
     help="dask.distributed scheduler address (tcp://host:port); default: local threads.")]
-KINDS = {"holistic": "holistic", "instances": "instance", "clusters": "cluster"}
+PASS_OF_COMMAND = {"holistic": "holistic", "instances": "instance", "clusters": "cluster"}
 
 
 # the command-line option behind each parameter a subcommand can override: a bad value given
@@ -69,7 +69,7 @@ def prepare(
     scheduler: SchedulerOpt = None,
 ) -> None:
     """Cut source images into tiles with their instances (iSAID devkit rules) -> Tile shards."""
-    from pipeline.prepare import run_prepare
+    from pipeline.stages.prepare import run_prepare
 
     p = _params(params, **{"data.source": source, "data.root": str(root) if root else None,
                            "data.splits": split or None})
@@ -85,7 +85,7 @@ def plan(
     scheduler: SchedulerOpt = None,
 ) -> None:
     """Priors, instance/cluster split, set-of-marks images and the annotation requests."""
-    from pipeline.plan import run_plan
+    from pipeline.stages.plan import run_plan
 
     p = _params(params)
     _done("plan", out, run_plan(p, tiles, out, scheduler=scheduler or p.runner.scheduler))
@@ -101,7 +101,7 @@ def _annotate_command(cli_name: str, kind: str):
         params: ParamsOpt = Path("params.yaml"),
         scheduler: SchedulerOpt = None,
     ) -> None:
-        from pipeline.annotate import run_annotate
+        from pipeline.stages.annotate import run_annotate
 
         p = _params(params, **{"annotate.backend.name": backend,
                                "annotate.backend.openai.mode": mode})
@@ -115,7 +115,7 @@ def _annotate_command(cli_name: str, kind: str):
     return command
 
 
-for _cli_name, _kind in KINDS.items():
+for _cli_name, _kind in PASS_OF_COMMAND.items():
     app.command(name=f"annotate-{_cli_name}")(_annotate_command(f"annotate-{_cli_name}", _kind))
 
 
@@ -130,7 +130,7 @@ def compose(
     scheduler: SchedulerOpt = None,
 ) -> None:
     """Merge the three passes into one tagged paragraph, align [SEG] to masks, validate."""
-    from pipeline.compose import run_compose
+    from pipeline.stages.compose.stage import run_compose
 
     p = _params(params, **{"compose.composer": composer})
     _done("compose", out, run_compose(p, tiles, plan_dir, responses, out,
@@ -146,7 +146,7 @@ def review(
     scheduler: SchedulerOpt = None,
 ) -> None:
     """Apply people's accept / reject / edit decisions (from the review notebook)."""
-    from pipeline.review import run_review
+    from pipeline.stages.review import run_review
 
     p = _params(params)
     _done("review", out, run_review(p, records, decisions or Path(p.review.decisions), out,
@@ -161,7 +161,7 @@ def export(
     params: ParamsOpt = Path("params.yaml"),
 ) -> None:
     """Write Parquet shards, COCO json and the GeoPixel training layout."""
-    from pipeline.export import run_export
+    from pipeline.stages.export import run_export
 
     p = _params(params)
     _done("export", out, run_export(p, tiles, records, out))
@@ -181,7 +181,7 @@ def qa(
     scheduler: SchedulerOpt = None,
 ) -> None:
     """Metrics (DVC), plot tables and the HTML report of the records that get exported."""
-    from pipeline.qa import run_qa
+    from pipeline.stages.qa import run_qa
 
     p = _params(params)
     _done("qa", report, run_qa(p, records, metrics, plots, report, tiles_dir=tiles,
@@ -233,7 +233,7 @@ def build(
 ) -> None:
     """Run every stage for the given split(s), through the same functions as `dvc repro`."""
     from annotators.base import get_backend
-    from pipeline.output_folders import check_output_location, output_lock
+    from pipeline.core.output_folders import check_output_location, output_lock
 
     p = _params(params, **{"data.source": source, "data.root": str(root) if root else None,
                            "data.splits": split or None, "annotate.backend.name": backend,
@@ -247,17 +247,17 @@ def build(
 
 
 def _build_stages(p: Params, out: Path, split: Optional[list[str]], sched: Optional[str]) -> None:
-    from pipeline.annotate import run_annotate
-    from pipeline.compose import run_compose
-    from pipeline.export import run_export
-    from pipeline.plan import run_plan
-    from pipeline.prepare import run_prepare
-    from pipeline.qa import run_qa
-    from pipeline.review import run_review
+    from pipeline.stages.annotate import run_annotate
+    from pipeline.stages.compose.stage import run_compose
+    from pipeline.stages.export import run_export
+    from pipeline.stages.plan import run_plan
+    from pipeline.stages.prepare import run_prepare
+    from pipeline.stages.qa import run_qa
+    from pipeline.stages.review import run_review
 
     _done("prepare", out / "tiles", run_prepare(p, out / "tiles", splits=split or None, scheduler=sched))
     _done("plan", out / "plan", run_plan(p, out / "tiles", out / "plan", scheduler=sched))
-    for cli_name, kind in KINDS.items():
+    for cli_name, kind in PASS_OF_COMMAND.items():
         _done(f"annotate-{cli_name}", out / "responses" / kind,
               run_annotate(p, kind, out / "tiles", out / "plan", out / "responses" / kind,
                            scheduler=sched))
@@ -284,7 +284,7 @@ def annotate(
     scheduler: SchedulerOpt = None,
 ) -> None:
     """Annotate new imagery of any size (GeoTIFF georeference kept), masks from SAM or labels."""
-    from pipeline.new_imagery import run_annotate_imagery
+    from pipeline.stages.new_imagery import run_annotate_imagery
 
     p = _params(params)
 
@@ -326,7 +326,7 @@ def summary(out: Annotated[Path, typer.Argument(help="Output root of a build.")]
 def _reports(out: Path) -> list[Path]:
     """The report.json files under a build folder (symbolic links to folders not followed);
     a folder that does not exist, or a file, is an EmptyInputError naming it."""
-    from pipeline.errors import EmptyInputError
+    from pipeline.core.errors import EmptyInputError
 
     if not out.exists():
         raise EmptyInputError("build folder not found", out)
@@ -343,8 +343,8 @@ def _reports(out: Path) -> list[Path]:
 def _read_report(path: Path) -> dict:
     """A stage's report.json through the guarded readers: unreadable, not UTF-8, not JSON or
     not a JSON object is a BadReportError naming the file."""
-    from pipeline.errors import BadReportError
-    from pipeline.user_files import MAX_REPORT_BYTES, read_user_json
+    from pipeline.core.errors import BadReportError
+    from pipeline.core.user_files import MAX_REPORT_BYTES, read_user_json
 
     data = read_user_json(path, "stage report", max_bytes=MAX_REPORT_BYTES, error=BadReportError)
     if not isinstance(data, dict):
@@ -366,7 +366,7 @@ def _say(label: str, rest: str) -> None:
     Console(stderr=True).print(line, highlight=False, soft_wrap=True)
 
 
-# --masks kinds followed by a path (pipeline.new_imagery.NEEDS_FILE says what each needs)
+# --masks kinds followed by a path (pipeline.stages.new_imagery.NEEDS_FILE says what each needs)
 MASK_SOURCES_WITH_PATH = ("dota", "coco", "geojson")
 
 

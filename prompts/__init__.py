@@ -10,9 +10,8 @@ import string
 from functools import lru_cache
 from importlib import resources
 
-from pipeline.errors import BadParamsError
-
-KINDS = ("holistic", "instance", "cluster")
+from pipeline.core.errors import BadParamsError
+from schemas import PASSES
 
 
 class UnknownPromptVersion(BadParamsError, KeyError):
@@ -26,7 +25,7 @@ class UnknownPromptVersion(BadParamsError, KeyError):
 def template(kind: str, version: str = "v1") -> str:
     """The raw template text for a request kind at a prompt version (one of `versions()`:
     a version is a folder name here, never a path)."""
-    if kind not in KINDS and not kind.replace("_", "").isalnum():
+    if kind not in PASSES and not kind.replace("_", "").isalnum():
         raise KeyError(f"unknown prompt kind {kind!r}")
     if version not in versions():
         raise UnknownPromptVersion(f"prompt version {version!r} not found; available: "

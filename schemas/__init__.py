@@ -1,8 +1,12 @@
 """Record types shared by every stage (see `schemas.records`)."""
 
 from schemas.records import (
+    PASSES,
+    PHRASE_CLOSE,
+    PHRASE_OPEN,
     RLE,
     SCHEMA_VERSION,
+    SEG,
     Cluster,
     DroppedRecord,
     GroundedRecord,
@@ -27,7 +31,7 @@ from schemas.records import (
 )
 
 __all__ = [
-    "RLE", "SCHEMA_VERSION", "Cluster", "DroppedRecord", "GroundedRecord", "Mark",
+    "PASSES", "PHRASE_CLOSE", "PHRASE_OPEN", "RLE", "SCHEMA_VERSION", "SEG", "Cluster", "DroppedRecord", "GroundedRecord", "Mark",
     "ObjectInstance", "ObjectMeasurement", "Phrase", "Provenance", "Record", "Request",
     "RequestKind", "Response", "ReviewDecision", "ReviewDecisionKind", "ReviewStatus",
     "Tile", "TileMeasurements", "TilePlan", "Usage", "Window", "arrow_schema",

@@ -16,6 +16,12 @@ from pydantic import BaseModel, ConfigDict, Field
 
 SCHEMA_VERSION = "1.1"  # 1.1: TilePlan.measurements
 
+# The three annotation passes, in the order the paragraph is composed (one definition: every
+# stage, the CLI and the prompts use it).
+PASSES: tuple[str, ...] = ("holistic", "instance", "cluster")
+# GeoPixelD's grounding markup: "<p> phrase </p> [SEG]", the i-th [SEG] being the i-th mask.
+PHRASE_OPEN, PHRASE_CLOSE, SEG = "<p>", "</p>", "[SEG]"
+
 RequestKind = Literal["holistic", "instance", "cluster", "instance_batch", "compose"]
 PhraseKind = Literal["instance", "cluster"]
 ResponseStatus = Literal["ok", "failed"]
@@ -117,7 +123,7 @@ class Request(Record):
 
 
 class ObjectMeasurement(Record):
-    """One instance measured on its tile's pixels (`pipeline.measure`): median colour, area and
+    """One instance measured on its tile's pixels (`pipeline.geometry.measure`): median colour, area and
     minimum-area rectangle, in tile pixels."""
 
     object_id: int
@@ -134,7 +140,7 @@ class ObjectMeasurement(Record):
 class TileMeasurements(Record):
     """A tile measured once by `plan`: its objects, and per grid cell (row-major) the pixels
     under any object and the ground pixels of each cover class (counted on a regular sample of
-    the pixels: `pipeline.measure.COVER_SAMPLE_STEP`)."""
+    the pixels: `pipeline.geometry.measure.COVER_SAMPLE_STEP`)."""
 
     image_sha256: str = Field(description="the tile image measured")
     width: int

@@ -3,7 +3,7 @@
 Written straight from CAPTAIN-WHU/iSAID_Devkit (`preprocess/split.py`, `preprocess/preprocess.py`,
 `cityscapesscripts/evaluation/instance.py` and `instances2dict_with_polygons.py`): windows cut as
 `split.py` cuts them, then every tile handled as the devkit handles a tile file, with full
-tile-sized masks and np.unique. Slow on purpose; it must not share code with pipeline.isaid.
+tile-sized masks and np.unique. Slow on purpose; it must not share code with pipeline.sources.isaid.
 """
 
 from __future__ import annotations

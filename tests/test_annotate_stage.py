@@ -13,14 +13,14 @@ import cv2
 import numpy as np
 import pytest
 
-from annotators.attributes import grid_cell
-from pipeline import masks
-from pipeline.annotate import run_annotate
-from pipeline.categories import ISAID_COLOUR_TO_CATEGORY
-from pipeline.errors import BadParamsError, EmptyInputError
-from pipeline.imaging import decode_png, encode_png, sha256
-from pipeline.params import Params
-from pipeline.shards import read_records, shard_name, write_records
+from pipeline.core.errors import BadParamsError, EmptyInputError
+from pipeline.core.imaging import decode_png, encode_png, sha256
+from pipeline.core.params import Params
+from pipeline.core.shards import read_records, shard_name, write_records
+from pipeline.geometry import masks
+from pipeline.geometry.categories import ISAID_COLOUR_TO_CATEGORY
+from pipeline.geometry.grid import position
+from pipeline.stages.annotate import run_annotate
 from schemas import Mark, ObjectInstance, Request, Response, Tile, TilePlan, Window
 
 ISAID_VAL = Path(__file__).resolve().parents[1] / "data" / "isaid" / "val" / "images"
@@ -66,7 +66,7 @@ def plan_of(tile: Tile, marked: list[ObjectInstance]) -> TilePlan:
                           box=[cx - 6, cy - 6, cx + 7, cy + 7]))
     som = encode_png(pixels)
     return TilePlan(tile_id=tile.tile_id, split=tile.split,
-                    positions=[grid_cell(o.bbox[0] + o.bbox[2] / 2, o.bbox[1] + o.bbox[3] / 2,
+                    positions=[position(o.bbox[0] + o.bbox[2] / 2, o.bbox[1] + o.bbox[3] / 2,
                                          tile.width, tile.height) for o in tile.objects],
                     marks=marks, clusters=[], unplanned_object_ids=[], som_png=som,
                     som_sha256=sha256(som))

@@ -9,17 +9,17 @@ import os
 from pathlib import Path
 
 import pytest
+from loopback_openai import LoopbackOpenAI, default_answer
 
 from annotators.base import AnnotationContext
 from annotators.cleaning import CleaningLimits
 from annotators.openai_backend import MARKS_MISSING, OpenAIBackend, clean_marks_answer
-from loopback_openai import LoopbackOpenAI, default_answer
-from pipeline.annotate import run_annotate
-from pipeline.compose import run_compose
-from pipeline.params import Params
-from pipeline.plan import mark_requests, run_plan
-from pipeline.prepare import run_prepare
-from pipeline.shards import list_shards, read_records
+from pipeline.core.params import Params
+from pipeline.core.shards import list_shards, read_records
+from pipeline.stages.annotate import run_annotate
+from pipeline.stages.compose.stage import run_compose
+from pipeline.stages.plan import mark_requests, run_plan
+from pipeline.stages.prepare import run_prepare
 from schemas import GroundedRecord, Request, Tile, TilePlan
 
 KEY_ENV = "GEOPIXELD_TEST_MARKS_KEY"

@@ -8,7 +8,7 @@ import re
 import pytest
 
 from annotators.cleaning import CleaningLimits, clean_output, drop_unfinished_sentence
-from pipeline.validate import has_leaked_mark, sanitize_fragment
+from pipeline.core.validate import has_leaked_mark, sanitize_fragment
 from schemas import Request
 
 

@@ -7,16 +7,27 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from pipeline import masks
-from pipeline.compose import compose, compose_tile, run_compose, tile_provenance
-from pipeline.errors import BadRecordError, EmptyInputError
-from pipeline.imaging import encode_png, sha256
-from pipeline.params import ComposeParams, Params
-from pipeline.shards import read_records, shard_name, write_records
-from pipeline.validate import validate_record
+from pipeline.core.errors import BadRecordError, EmptyInputError
+from pipeline.core.imaging import encode_png, sha256
+from pipeline.core.params import ComposeParams, Params
+from pipeline.core.shards import read_records, shard_name, write_records
+from pipeline.core.validate import validate_record
+from pipeline.geometry import masks
+from pipeline.stages.compose.grounding import tile_provenance
+from pipeline.stages.compose.stage import compose_tile, run_compose
+from pipeline.stages.compose.wording import compose
 from schemas import (
-    Cluster, DroppedRecord, GroundedRecord, Mark, ObjectInstance, Provenance, Request, Response,
-    Tile, TilePlan, Window,
+    Cluster,
+    DroppedRecord,
+    GroundedRecord,
+    Mark,
+    ObjectInstance,
+    Provenance,
+    Request,
+    Response,
+    Tile,
+    TilePlan,
+    Window,
 )
 
 SIZE = 64

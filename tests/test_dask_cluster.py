@@ -5,9 +5,9 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from pipeline.params import DataParams, Params
-from pipeline.plan import run_plan
-from pipeline.prepare import run_prepare
+from pipeline.core.params import DataParams, Params
+from pipeline.stages.plan import run_plan
+from pipeline.stages.prepare import run_prepare
 
 
 def _files(root: Path) -> dict[str, bytes]:

@@ -78,8 +78,8 @@ def test_dvc_repro_fresh_clone_then_noop_then_partial(checkout, venv_env):
     assert _ran(fourth) == {"compose", "review", "export", "qa", "finetune", "evaluate"}
 
     # a reviewer's decision re-runs review and what follows, nothing before it
-    from pipeline.review import append_decisions, decide
-    from pipeline.shards import list_shards, read_records
+    from pipeline.core.shards import list_shards, read_records
+    from pipeline.stages.review import append_decisions, decide
     from schemas import GroundedRecord
 
     record = read_records(list_shards(checkout / "build/records")[0], GroundedRecord)[0]

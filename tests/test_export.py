@@ -19,13 +19,13 @@ import pytest
 from PIL import Image
 from pycocotools.coco import COCO
 
-from pipeline import masks
-from pipeline.errors import BadRecordError, DuplicateNameError, UnsafePathError
-from pipeline.export import EXPORT_SCHEMA, run_export
-from pipeline.geopixel_format import read_geopixel
-from pipeline.imaging import encode_png, sha256
-from pipeline.params import ExportParams, Params, RunnerParams
-from pipeline.shards import read_records, shard_name, write_records
+from pipeline.core.errors import BadRecordError, DuplicateNameError, UnsafePathError
+from pipeline.core.imaging import encode_png, sha256
+from pipeline.core.params import ExportParams, Params, RunnerParams
+from pipeline.core.shards import read_records, shard_name, write_records
+from pipeline.formats.geopixel_format import read_geopixel
+from pipeline.geometry import masks
+from pipeline.stages.export import EXPORT_SCHEMA, run_export
 from schemas import RLE, GroundedRecord, ObjectInstance, Phrase, Provenance, Tile, Window
 
 H, W = 48, 64

@@ -1,4 +1,4 @@
-"""The failure policy (pipeline/failure_policy.py), end to end through the real CLI and a
+"""The failure policy (pipeline/core/failure_policy.py), end to end through the real CLI and a
 loopback OpenAI-compatible server: a pass whose requests still fail after their retries (API
 down, 500 to everything, 200 without an answer, every answer refused by cleaning) exits 3 with
 one line, the previous output stays byte for byte, answers already paid for stay in the cache,
@@ -15,15 +15,15 @@ from pathlib import Path
 
 import pytest
 import yaml
+from hostile import assert_one_line, assert_refused, cli_env, merge, run_cli, tree_digest
+from loopback_openai import LoopbackOpenAI
 
 from annotators.base import AnnotationContext
 from annotators.cache import ResponseCache
 from annotators.openai_backend import OpenAIBackend
-from hostile import assert_one_line, assert_refused, cli_env, merge, run_cli, tree_digest
-from loopback_openai import LoopbackOpenAI
-from pipeline.failure_policy import too_many
-from pipeline.params import BackendParams, OpenAIParams
-from pipeline.shards import list_shards, read_records
+from pipeline.core.failure_policy import too_many
+from pipeline.core.params import BackendParams, OpenAIParams
+from pipeline.core.shards import list_shards, read_records
 from schemas import GroundedRecord, Request
 
 KEY_ENV = "GEOPIXELD_POLICY_KEY"

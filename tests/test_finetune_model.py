@@ -18,14 +18,14 @@ torch = pytest.importorskip("torch")
 pytest.importorskip("peft")
 pytest.importorskip("segment_anything")
 
-from finetune.data import IGNORE_INDEX, Collator, Sample, open_samples  # noqa: E402
-from finetune.model import (ModelSpec, load_geopixel_model, load_sam, mask_bce,  # noqa: E402
-                            mask_dice, mask_iou)
-from finetune.predict import decode_answer, phrases_per_seg  # noqa: E402
-from pipeline import masks  # noqa: E402
-from pipeline.errors import BadParamsError, BadRecordError  # noqa: E402
-from pipeline.params import FinetuneParams  # noqa: E402
 from tiny_models import TINY_SAM_SHAPE, save_tiny_qwen25_vl, save_tiny_sam  # noqa: E402
+
+from finetune.data import IGNORE_INDEX, Collator, Sample, open_samples  # noqa: E402
+from finetune.model import ModelSpec, load_geopixel_model, load_sam, mask_bce, mask_dice, mask_iou  # noqa: E402
+from finetune.predict import decode_answer, phrases_per_seg  # noqa: E402
+from pipeline.core.errors import BadParamsError, BadRecordError  # noqa: E402
+from pipeline.core.params import FinetuneParams  # noqa: E402
+from pipeline.geometry import masks  # noqa: E402
 
 QUESTION = FinetuneParams().question
 CAPTIONS = [
@@ -185,7 +185,7 @@ def test_samples_from_the_released_geopixel_list(repo_root):
 
 
 def test_bad_shards_and_sam_files_name_the_file(tmp_path):
-    from pipeline.export import EXPORT_SCHEMA
+    from pipeline.stages.export import EXPORT_SCHEMA
 
     folder = tmp_path / "parquet"
     folder.mkdir()

@@ -23,19 +23,25 @@ torch = pytest.importorskip("torch")
 pytest.importorskip("peft")
 pytest.importorskip("segment_anything")
 
-from finetune.evaluate import BagOfWordsEncoder, evaluate_gcg, load_predictions, \
-    load_split_ground_truth, run_evaluate_stage  # noqa: E402
-from finetune.train import read_log, run_finetune  # noqa: E402
-from pipeline import masks  # noqa: E402
-from pipeline.annotate import run_annotate  # noqa: E402
-from pipeline.compose import run_compose  # noqa: E402
-from pipeline.export import EXPORT_SCHEMA, run_export  # noqa: E402
-from pipeline.imaging import decode_png, encode_png  # noqa: E402
-from pipeline.params import Params  # noqa: E402
-from pipeline.plan import run_plan  # noqa: E402
-from pipeline.prepare import run_prepare  # noqa: E402
-from schemas import RLE  # noqa: E402
 from tiny_models import save_tiny_qwen25_vl, save_tiny_sam  # noqa: E402
+
+from finetune.evaluate import (
+    BagOfWordsEncoder,
+    evaluate_gcg,
+    load_predictions,
+    load_split_ground_truth,  # noqa: E402
+    run_evaluate_stage,
+)
+from finetune.train import read_log, run_finetune  # noqa: E402
+from pipeline.core.imaging import decode_png, encode_png  # noqa: E402
+from pipeline.core.params import Params  # noqa: E402
+from pipeline.geometry import masks  # noqa: E402
+from pipeline.stages.annotate import run_annotate  # noqa: E402
+from pipeline.stages.compose.stage import run_compose  # noqa: E402
+from pipeline.stages.export import EXPORT_SCHEMA, run_export  # noqa: E402
+from pipeline.stages.plan import run_plan  # noqa: E402
+from pipeline.stages.prepare import run_prepare  # noqa: E402
+from schemas import RLE  # noqa: E402
 
 SIDE = 128  # px of the downscaled tiles
 SCENE = "P0004"

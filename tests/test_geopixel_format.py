@@ -9,12 +9,16 @@ import cv2
 import numpy as np
 import pytest
 
-from pipeline import masks
-from pipeline.errors import BadAnnotationError, UnsafePathError
-from pipeline.geopixel_format import (guess_category, read_geopixel, samples_in_thousands,
-                                      write_geopixel)
-from pipeline.imaging import encode_png, sha256
-from pipeline.params import ExportParams
+from pipeline.core.errors import BadAnnotationError, UnsafePathError
+from pipeline.core.imaging import encode_png, sha256
+from pipeline.core.params import ExportParams
+from pipeline.formats.geopixel_format import (
+    guess_category,
+    read_geopixel,
+    samples_in_thousands,
+    write_geopixel,
+)
+from pipeline.geometry import masks
 from schemas import GroundedRecord, ObjectInstance, Phrase, Provenance, Tile, Window
 
 REPO = Path(__file__).resolve().parent.parent

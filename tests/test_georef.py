@@ -17,10 +17,10 @@ import shapely
 from rasterio.transform import Affine
 from shapely.geometry import shape
 
-from pipeline.georef import mask_geometry
-from pipeline.new_imagery import run_annotate_imagery
-from pipeline.params import parse_params
-from pipeline.shards import list_shards
+from pipeline.core.params import parse_params
+from pipeline.core.shards import list_shards
+from pipeline.sources.georef import mask_geometry
+from pipeline.stages.new_imagery import run_annotate_imagery
 
 UTM, MERCATOR = "EPSG:32633", "EPSG:3857"
 PIXEL = 0.5

@@ -22,11 +22,11 @@ import numpy as np
 import pytest
 import rasterio
 import yaml
+from hostile import REPO, assert_one_line, assert_refused, cli_env, tree_digest
 from pycocotools import mask as mask_utils
 from rasterio.transform import Affine
 
-from hostile import REPO, assert_one_line, assert_refused, cli_env, tree_digest
-from pipeline.shards import list_shards, read_records
+from pipeline.core.shards import list_shards, read_records
 from schemas import Tile
 
 H, W = 64, 80  # the scene: one tile
@@ -274,8 +274,8 @@ def test_hostile_coco_is_refused_in_one_line(ws, case):
 
 @pytest.mark.parametrize("case", list(COCO_REFUSED))
 def test_every_hostile_coco_is_one_bad_annotation_in_process(tmp_path, case):
-    from pipeline.coco_source import read_coco
-    from pipeline.errors import BadAnnotationError
+    from pipeline.core.errors import BadAnnotationError
+    from pipeline.sources.coco_source import read_coco
 
     content, needle = COCO_REFUSED[case]
     with pytest.raises(BadAnnotationError) as err:
@@ -346,9 +346,9 @@ def test_hostile_geojson_is_refused_in_one_line(ws, case):
 def test_every_hostile_geojson_is_one_bad_annotation_in_process(ws, case):
     from collections import Counter
 
-    from pipeline.errors import BadAnnotationError
-    from pipeline.label_sources import read_geojson
-    from pipeline.params import ImageryParams
+    from pipeline.core.errors import BadAnnotationError
+    from pipeline.core.params import ImageryParams
+    from pipeline.sources.label_sources import read_geojson
 
     geojson_args(ws, case)
     with pytest.raises(BadAnnotationError) as err:
@@ -371,7 +371,7 @@ def test_geojson_integer_category_and_string_id_follow_the_documented_rules(ws):
 # the CLI with the tiny test SAM registered (DOTA boxes are SAM prompts; no real weights here)
 TINY_SAM_CLI = (
     "import runpy, sys; sys.path.insert(0, {tests!r}); "
-    "from tiny_sam import MODEL_TYPE, build_tiny_sam; from pipeline import sam_masks; "
+    "from tiny_sam import MODEL_TYPE, build_tiny_sam; from pipeline.sources import sam_masks; "
     "sam_masks.register_model(MODEL_TYPE, build_tiny_sam); "
     "sys.argv = ['geopixeld', *sys.argv[1:]]; runpy.run_module('pipeline.cli', run_name='__main__')"
 ).format(tests=str(REPO / "tests"))
@@ -411,9 +411,9 @@ def test_dota_garbage_line_is_refused_in_one_line(dota_ws):
 def test_every_dota_garbage_line_is_one_bad_annotation_in_process(tmp_path, line, needle):
     from collections import Counter
 
-    from pipeline.errors import BadAnnotationError
-    from pipeline.label_sources import parse_dota
-    from pipeline.params import ImageryParams
+    from pipeline.core.errors import BadAnnotationError
+    from pipeline.core.params import ImageryParams
+    from pipeline.sources.label_sources import parse_dota
 
     with pytest.raises(BadAnnotationError) as err:
         parse_dota(write(tmp_path / "scene.txt", line + "\n"), ImageryParams(), Counter())
@@ -431,8 +431,8 @@ def test_dota_file_not_utf8_is_refused_in_one_line(dota_ws):
 def geopixel_release(root: Path, polygons=None, segmentation=None, raw: str | None = None) -> Path:
     """A one-sample GeoPixel release (40 x 60 tile, one [SEG]): `polygons` are the [SEG]'s
     list of polygons, `segmentation` its inline RLE, `raw` the polygon file's text."""
-    from pipeline.imaging import encode_png
-    from pipeline.params import ExportParams
+    from pipeline.core.imaging import encode_png
+    from pipeline.core.params import ExportParams
 
     folder = root / "data" / "GeoPixelD" / "train"
     folder.mkdir(parents=True)
@@ -469,8 +469,8 @@ GEOPIXEL_REFUSED = {
 
 @pytest.mark.parametrize("case", list(GEOPIXEL_REFUSED))
 def test_hostile_geopixel_release_is_one_bad_annotation(tmp_path, case):
-    from pipeline.errors import BadAnnotationError
-    from pipeline.geopixel_format import read_geopixel
+    from pipeline.core.errors import BadAnnotationError
+    from pipeline.formats.geopixel_format import read_geopixel
 
     masks_given, file_name, needle = GEOPIXEL_REFUSED[case]
     listing = geopixel_release(tmp_path, **masks_given)
@@ -483,8 +483,8 @@ def test_geopixel_polygon_far_outside_is_clipped_not_wrapped(tmp_path):
     """int32 casts of 1e15 used to wrap: the triangle below y = x fills as one reaching 100."""
     import cv2 as cv
 
-    from pipeline import masks
-    from pipeline.geopixel_format import read_geopixel
+    from pipeline.formats.geopixel_format import read_geopixel
+    from pipeline.geometry import masks
 
     listing = geopixel_release(tmp_path, polygons=[[[0, 0], [1e15, 0], [1e15, 1e15]]])
     ((record, _),) = read_geopixel(listing, tmp_path)

@@ -23,13 +23,25 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 import yaml
-
 from hostile import assert_refused, cli_env, run_cli
 from loopback_openai import LoopbackOpenAI
-from pipeline.errors import (BadCacheError, BadImageError, BadParamsError, BadShardError,
-                             SchedulerError)
-from pipeline.params import (CacheParams, Params, PlanParams, load_params, params_hash,
-                             parse_params, to_yaml)
+
+from pipeline.core.errors import (
+    BadCacheError,
+    BadImageError,
+    BadParamsError,
+    BadShardError,
+    SchedulerError,
+)
+from pipeline.core.params import (
+    CacheParams,
+    Params,
+    PlanParams,
+    load_params,
+    params_hash,
+    parse_params,
+    to_yaml,
+)
 
 KEY_ENV = "GEOPIXELD_TEST_KEY"
 KEY = "sk-test-HOSTILE-INPUTS-0123456789"
@@ -449,7 +461,7 @@ def test_strict_and_caption_checks(section, value):
 
 
 def test_override_blames_its_option():
-    from pipeline.params import override_params
+    from pipeline.core.params import override_params
 
     base = parse_params({}, "p.yaml")
     with pytest.raises(BadParamsError) as err:
@@ -488,7 +500,7 @@ def test_cache_check_names_the_file(tmp_path):
 
 
 def test_read_records_refuses_other_types_and_rows(tmp_path):
-    from pipeline.shards import read_records, write_records
+    from pipeline.core.shards import read_records, write_records
     from schemas import Tile, Window
 
     path = tmp_path / SHARD
@@ -506,7 +518,7 @@ def test_read_records_refuses_other_types_and_rows(tmp_path):
 
 
 def test_empty_image_bytes_are_a_bad_image():
-    from pipeline.imaging import decode_image, decode_png
+    from pipeline.core.imaging import decode_image, decode_png
 
     with pytest.raises(BadImageError, match="empty file"):
         decode_image(b"", "x.png", 1000)
@@ -515,7 +527,7 @@ def test_empty_image_bytes_are_a_bad_image():
 
 
 def test_scheduler_address_checked_before_connecting():
-    from pipeline.runner import check_address
+    from pipeline.core.runner import check_address
 
     check_address("tcp://127.0.0.1:8786")
     check_address("127.0.0.1:8786")

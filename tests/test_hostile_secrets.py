@@ -2,7 +2,7 @@
 credentials in `base_url`, never reach a response shard, a record, an export (Parquet, COCO,
 GeoPixel), a report, the response cache or stderr. Every case runs the real CLI against the
 loopback OpenAI-compatible server and greps every file it wrote for the key's first 8
-characters (the longest prefix `pipeline.errors.scrub` may leave is 7)."""
+characters (the longest prefix `pipeline.core.errors.scrub` may leave is 7)."""
 
 from __future__ import annotations
 
@@ -12,10 +12,9 @@ import os
 import socket
 from pathlib import Path
 
+import loopback_openai
 import pytest
 import yaml
-
-import loopback_openai
 from hostile import assert_one_line, cli_env, merge, run_cli
 from loopback_openai import LoopbackOpenAI, compose_answer, default_answer
 

@@ -1,7 +1,7 @@
 """Hostile text: what reaches people (the terminal, the HTML report, a spreadsheet) and files
 (the export, the plot CSVs).
 
-The text rule lives in `pipeline.text`. In: a reviewer's edit holding an escape sequence, a
+The text rule lives in `pipeline.core.text`. In: a reviewer's edit holding an escape sequence, a
 control, bidi or invisible character is refused (INVALID_EDIT, the record passes unchanged),
 line breaks and tabs in it become spaces; a model's answer is cleaned of escape sequences,
 bidi and invisible characters; validation refuses any record whose text is not clean. Out:
@@ -21,20 +21,19 @@ from pathlib import Path
 
 import pyarrow.parquet as pq
 import pytest
+from hostile import assert_refused, cli_env, run_cli
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from annotators.cleaning import clean_output
-from hostile import assert_refused, cli_env, run_cli
-from pipeline.errors import BadRecordError
-from pipeline.html_report import _index_script, caption_html
-from pipeline.params import ComposeParams
-from pipeline.qa import PhraseFacts, RecordFacts, write_plot
-from pipeline.review import decide, edit_problems, read_decisions, review_hash
-from pipeline.shards import list_shards, read_records, write_records
-from pipeline.text import (csv_cell, is_clean_text, is_unsafe_char, normalise_text,
-                           text_problem)
-from pipeline.validate import record_text_problem, sanitize_fragment, validate_record
+from pipeline.core.errors import BadRecordError
+from pipeline.core.params import ComposeParams
+from pipeline.core.shards import list_shards, read_records, write_records
+from pipeline.core.text import csv_cell, is_clean_text, is_unsafe_char, normalise_text, text_problem
+from pipeline.core.validate import record_text_problem, sanitize_fragment, validate_record
+from pipeline.formats.html_report import _index_script, caption_html
+from pipeline.stages.qa import PhraseFacts, RecordFacts, write_plot
+from pipeline.stages.review import decide, edit_problems, read_decisions, review_hash
 from schemas import GroundedRecord, Request
 
 DECISIONS = Path("reviews/decisions.jsonl")
@@ -517,7 +516,7 @@ def test_caption_html_and_index_script_escape_everything():
 
 def test_printable_output_of_unicode_text_is_unchanged_for_clean_text():
     # clean, non-ASCII text prints as itself (only unsafe characters are escaped)
-    from pipeline.errors import printable
+    from pipeline.core.errors import printable
     text = "caf\u00e9 \u201cship\u201d \u2014 \U0001f6a2"
     assert printable(text) == text
     assert unicodedata.is_normalized("NFC", text)

@@ -30,14 +30,14 @@ from urllib.parse import urlsplit
 
 import pytest
 
-from pipeline.annotate import run_annotate
-from pipeline.compose import run_compose
-from pipeline.html_report import PALETTE
-from pipeline.params import Params
-from pipeline.plan import run_plan
-from pipeline.prepare import run_prepare
-from pipeline.qa import run_qa
-from pipeline.shards import list_shards, read_records
+from pipeline.core.params import Params
+from pipeline.core.shards import list_shards, read_records
+from pipeline.formats.html_report import PALETTE
+from pipeline.stages.annotate import run_annotate
+from pipeline.stages.compose.stage import run_compose
+from pipeline.stages.plan import run_plan
+from pipeline.stages.prepare import run_prepare
+from pipeline.stages.qa import run_qa
 from schemas import DroppedRecord, GroundedRecord
 
 REPO = Path(__file__).resolve().parents[1]

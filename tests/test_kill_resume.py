@@ -23,20 +23,19 @@ import time
 from pathlib import Path
 
 import pytest
+from loopback_openai import LoopbackOpenAI
 
 from annotators.cache import ResponseCache
-from loopback_openai import LoopbackOpenAI
-from pipeline.params import Params, to_yaml
-from pipeline.plan import run_plan
-from pipeline.prepare import run_prepare
-from pipeline.shards import list_shards, read_records
-from schemas import GroundedRecord, Request, Response
+from pipeline.core.params import Params, to_yaml
+from pipeline.core.shards import list_shards, read_records
+from pipeline.stages.plan import run_plan
+from pipeline.stages.prepare import run_prepare
+from schemas import PASSES, GroundedRecord, Request, Response
 
 KEY_ENV = "GEOPIXELD_TEST_KILL_KEY"
 CACHE = ".cache/responses.sqlite"  # relative: both runs have the same params, byte for byte
 LATENCY_S = 0.05
 CONCURRENCY = 2
-KINDS = ("holistic", "instance", "cluster")
 
 _CHILD = """
 import sys
@@ -49,14 +48,14 @@ after_plan({planned!r})
 def after_plan(planned: str) -> None:
     """The stages after plan, as `geopixeld build` runs them, into the working folder, with
     its params.yaml."""
-    from pipeline.annotate import run_annotate
-    from pipeline.compose import run_compose
-    from pipeline.export import run_export
-    from pipeline.params import load_params
+    from pipeline.core.params import load_params
+    from pipeline.stages.annotate import run_annotate
+    from pipeline.stages.compose.stage import run_compose
+    from pipeline.stages.export import run_export
 
     params = load_params("params.yaml")
     tiles, plan = Path(planned) / "tiles", Path(planned) / "plan"
-    for kind in KINDS:
+    for kind in PASSES:
         run_annotate(params, kind, tiles, plan, Path("responses") / kind)
     run_compose(params, tiles, plan, Path("responses"), Path("records"))
     run_export(params, tiles, Path("records"), Path("export"))
@@ -69,7 +68,7 @@ def planned(tmp_path_factory, isaid_root):
     run_prepare(params, out / "tiles")
     run_plan(params, out / "tiles", out / "plan")
     requests = sum(len(read_records(s, Request))
-                   for kind in KINDS for s in list_shards(out / "plan" / "requests" / kind))
+                   for kind in PASSES for s in list_shards(out / "plan" / "requests" / kind))
     return out, isaid_root, requests
 
 
@@ -118,7 +117,7 @@ def stored(folder: Path) -> int:
 
 
 def responses(folder: Path) -> list[Response]:
-    return [r for kind in KINDS for s in list_shards(folder / "responses" / kind)
+    return [r for kind in PASSES for s in list_shards(folder / "responses" / kind)
             for r in read_records(s, Response)]
 
 

@@ -10,15 +10,15 @@ import re
 from pathlib import Path
 
 import pytest
-
-from annotators.llm_composer import parse_composition
 from loopback_openai import LoopbackOpenAI, compose_answer, default_answer
-from pipeline.annotate import run_annotate
-from pipeline.compose import run_compose
-from pipeline.params import Params
-from pipeline.plan import run_plan
-from pipeline.prepare import run_prepare
-from pipeline.shards import list_shards, read_records
+
+from pipeline.core.params import Params
+from pipeline.core.shards import list_shards, read_records
+from pipeline.stages.annotate import run_annotate
+from pipeline.stages.compose.llm import parse_composition
+from pipeline.stages.compose.stage import run_compose
+from pipeline.stages.plan import run_plan
+from pipeline.stages.prepare import run_prepare
 from schemas import GroundedRecord
 
 KEY_ENV = "GEOPIXELD_TEST_COMPOSER_KEY"

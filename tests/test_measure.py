@@ -1,4 +1,4 @@
-"""Measuring a tile once (`pipeline.measure`): the numbers equal their plain definitions, plan
+"""Measuring a tile once (`pipeline.geometry.measure`): the numbers equal their plain definitions, plan
 stores them, and the template backend says the same from the stored numbers as from the tile.
 
 The definitions the fast code must equal: median colour = `round(np.median(pixels, axis=0))`,
@@ -13,13 +13,13 @@ import cv2
 import numpy as np
 import pytest
 from pycocotools import mask as mask_utils
+from test_template_backend import isaid_tile
 
 from annotators.base import AnnotationContext
 from annotators.template import TemplateBackend
-from pipeline import masks, measure
-from pipeline.params import BackendParams, PlanParams
-from pipeline.plan import plan_tile
-from test_template_backend import isaid_tile
+from pipeline.core.params import BackendParams, PlanParams
+from pipeline.geometry import masks, measure
+from pipeline.stages.plan import plan_tile
 
 
 def _reference_shape(mask: np.ndarray) -> tuple[float, float, float, float, float]:
@@ -136,7 +136,7 @@ def test_ground_cover_counts_a_uniform_tile_and_objects_per_cell():
     tile = isaid_tile()  # any instance masks will do for the shapes; counts use a fresh one
     mask = np.zeros((90, 120), np.uint8)
     mask[:30, :40] = 1  # the whole top-left cell
-    from pipeline.priors import InstanceMask
+    from pipeline.geometry.priors import InstanceMask
     inst = InstanceMask(1, "Small_Vehicle", int(mask.sum()), mask[:30, :40].copy(), 0, 0,
                         (20.0, 15.0))
     m = measure.measure_tile(image, [inst], tile.image_sha256, grid=3)

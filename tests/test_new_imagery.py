@@ -18,19 +18,27 @@ import rasterio
 from rasterio.transform import Affine
 from rasterio.windows import Window as RioWindow
 
-from pipeline import masks
-from pipeline.categories import UNKNOWN_CATEGORY
-from pipeline.errors import BadAnnotationError, BadImageError, BadParamsError, EmptyInputError
-from pipeline.imagery import describe_scene, scene_windows
-from pipeline.imaging import encode_png, sha256
-from pipeline.label_sources import (clip_to_scene, geojson_scene_labels, parse_dota,
-                                    read_geojson)
 from pipeline.cli import MASK_SOURCES_WITH_PATH, masks_argv
-from pipeline.new_imagery import (NEEDS_FILE, mask_spec, run_annotate_imagery,
-                                  run_tile_imagery)
-from pipeline.params import ImageryParams, PlanParams, PrepareParams, parse_params
-from pipeline.plan import plan_tile
-from pipeline.shards import list_shards, read_records
+from pipeline.core.errors import BadAnnotationError, BadImageError, BadParamsError, EmptyInputError
+from pipeline.core.imaging import encode_png, sha256
+from pipeline.core.params import ImageryParams, PlanParams, PrepareParams, parse_params
+from pipeline.core.shards import list_shards, read_records
+from pipeline.geometry import masks
+from pipeline.geometry.categories import UNKNOWN_CATEGORY
+from pipeline.sources.imagery import describe_scene, scene_windows
+from pipeline.sources.label_sources import (
+    clip_to_scene,
+    geojson_scene_labels,
+    parse_dota,
+    read_geojson,
+)
+from pipeline.stages.new_imagery import (
+    NEEDS_FILE,
+    mask_spec,
+    run_annotate_imagery,
+    run_tile_imagery,
+)
+from pipeline.stages.plan import plan_tile
 from schemas import ObjectInstance, Tile, Window
 
 REPO = Path(__file__).resolve().parent.parent
@@ -165,8 +173,8 @@ def test_png_alpha_is_nodata_and_long_strips_are_cut_along_their_length(tmp_path
 MEMORY_SCRIPT = textwrap.dedent("""
     import json, resource, sys, tracemalloc
     from pathlib import Path
-    from pipeline.new_imagery import run_tile_imagery
-    from pipeline.params import parse_params
+    from pipeline.stages.new_imagery import run_tile_imagery
+    from pipeline.core.params import parse_params
     p = parse_params({"prepare": {"tiles_per_shard": 4},
                       "imagery": {"gdal_cache_mb": 8},
                       "runner": {"local_scheduler": "synchronous"}})

@@ -11,16 +11,16 @@ from pathlib import Path
 
 import cv2
 import pytest
+from loopback_openai import FAULTS, LoopbackOpenAI
 
 import prompts
 from annotators.base import AnnotationContext
 from annotators.cache import ResponseCache
 from annotators.openai_backend import OpenAIBackend, retry_after_seconds
-from loopback_openai import FAULTS, LoopbackOpenAI
-from pipeline.errors import BadParamsError
-from pipeline.imaging import encode_png, sha256
-from pipeline.params import BackendParams, ModelPrice, OpenAIParams
-from pipeline.shards import write_json, write_records
+from pipeline.core.errors import BadParamsError
+from pipeline.core.imaging import encode_png, sha256
+from pipeline.core.params import BackendParams, ModelPrice, OpenAIParams
+from pipeline.core.shards import write_json, write_records
 from schemas import Request, Response
 
 KEY_ENV = "GEOPIXELD_TEST_OPENAI_KEY"

@@ -14,16 +14,16 @@ from pathlib import Path
 
 import cv2
 import pytest
+from loopback_openai import LoopbackOpenAI
 
 import prompts
 from annotators.base import AnnotationContext
 from annotators.cache import ResponseCache
 from annotators.openai_backend import OpenAIBackend
 from annotators.openai_batch import split_lines
-from loopback_openai import LoopbackOpenAI
-from pipeline.errors import BadParamsError
-from pipeline.imaging import encode_png, sha256
-from pipeline.params import BackendParams, BatchParams, ModelPrice, OpenAIParams
+from pipeline.core.errors import BadParamsError
+from pipeline.core.imaging import encode_png, sha256
+from pipeline.core.params import BackendParams, BatchParams, ModelPrice, OpenAIParams
 from schemas import Request
 
 KEY_ENV = "GEOPIXELD_TEST_BATCH_KEY"

@@ -9,10 +9,10 @@ import subprocess
 import sys
 from pathlib import Path
 
-
 from loopback_openai import LoopbackOpenAI
-from pipeline.params import Params, to_yaml
-from pipeline.shards import list_shards, read_records
+
+from pipeline.core.params import Params, to_yaml
+from pipeline.core.shards import list_shards, read_records
 from schemas import GroundedRecord, Response
 
 KEY = "sk-test-PIPELINE-SECRET-42"

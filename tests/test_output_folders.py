@@ -16,11 +16,10 @@ from pathlib import Path
 
 import pytest
 import yaml
-
 from hostile import assert_refused, cli_env, run_cli, tree_digest
-from pipeline.errors import EmptyResultError, OutputFolderError
-from pipeline.output_folders import MARKER, check_output_location, output_lock, staged_folder
 
+from pipeline.core.errors import EmptyResultError, OutputFolderError
+from pipeline.core.output_folders import MARKER, check_output_location, output_lock, staged_folder
 
 # ---- CLI: folders a stage must not replace ----------------------------------------------------
 
@@ -113,7 +112,7 @@ def test_an_empty_result_never_replaces_records(workspace):
 
 HOLD = """
 import sys, time
-from pipeline.output_folders import staged_folder
+from pipeline.core.output_folders import staged_folder
 with staged_folder(sys.argv[1], stage="prepare") as staging:
     (staging / "partial.parquet").write_bytes(b"half")
     print("holding", flush=True)
@@ -227,8 +226,8 @@ def test_output_location_rules(tmp_path, monkeypatch):
 
 def test_root_lock_is_exclusive_and_released(tmp_path):
     with output_lock(tmp_path / "build"):
-        code = ("import sys\nfrom pipeline.output_folders import output_lock\n"
-                "from pipeline.errors import GeoPixelDError\n"
+        code = ("import sys\nfrom pipeline.core.output_folders import output_lock\n"
+                "from pipeline.core.errors import GeoPixelDError\n"
                 "try:\n    output_lock(sys.argv[1]).__enter__()\n"
                 "except GeoPixelDError as e:\n    print(e.one_line())\n")
         out = subprocess.run([sys.executable, "-c", code, str(tmp_path / "build")],

@@ -5,13 +5,13 @@ from __future__ import annotations
 import pytest
 import yaml
 
-from pipeline.errors import BadParamsError
-from pipeline.params import HEADER, Params, load_params, params_hash, to_yaml
+from pipeline.core.errors import BadParamsError
+from pipeline.core.params import HEADER, Params, load_params, params_hash, to_yaml
 
 
 def test_params_yaml_equals_code_defaults(repo_root):
     """The committed file is exactly the generated one: every section and key present, values
-    equal to the defaults in code (regenerate with `python -m pipeline.params > params.yaml`)."""
+    equal to the defaults in code (regenerate with `python -m pipeline.core.params > params.yaml`)."""
     text = (repo_root / "params.yaml").read_text()
     assert Params.model_validate(yaml.safe_load(text)) == Params()
     assert text == HEADER + to_yaml(Params())

@@ -7,16 +7,16 @@ from pathlib import Path
 import cv2
 import numpy as np
 import pytest
-
-from pipeline import masks
-from pipeline.categories import ISAID_COLOUR_TO_CATEGORY
-from pipeline.errors import BadMaskError, BadParamsError, EmptyInputError
-from pipeline.imaging import decode_png, encode_png, sha256
-from pipeline.params import Params, PlanParams, RunnerParams
-from pipeline.plan import plan_tile, run_plan
-from pipeline.shards import read_records, write_records
-from schemas import ObjectInstance, Request, Tile, TilePlan, Window
 from test_priors import square, synthetic_tile
+
+from pipeline.core.errors import BadMaskError, BadParamsError, EmptyInputError
+from pipeline.core.imaging import decode_png, encode_png, sha256
+from pipeline.core.params import Params, PlanParams, RunnerParams
+from pipeline.core.shards import read_records, write_records
+from pipeline.geometry import masks
+from pipeline.geometry.categories import ISAID_COLOUR_TO_CATEGORY
+from pipeline.stages.plan import plan_tile, run_plan
+from schemas import ObjectInstance, Request, Tile, TilePlan, Window
 
 VAL = Path(__file__).resolve().parents[1] / "data" / "isaid" / "val" / "images"
 

@@ -14,12 +14,17 @@ import cv2
 import numpy as np
 import pytest
 
-from pipeline.errors import (BadImageError, BadMaskError, DuplicateNameError, EmptyInputError,
-                             UnsafePathError)
-from pipeline.params import DataParams, Params, PrepareParams, RunnerParams
-from pipeline.prepare import discover_scenes, run_prepare, tile_scene
-from pipeline.output_folders import MARKER
-from pipeline.shards import list_shards
+from pipeline.core.errors import (
+    BadImageError,
+    BadMaskError,
+    DuplicateNameError,
+    EmptyInputError,
+    UnsafePathError,
+)
+from pipeline.core.output_folders import MARKER
+from pipeline.core.params import DataParams, Params, PrepareParams, RunnerParams
+from pipeline.core.shards import list_shards
+from pipeline.stages.prepare import discover_scenes, run_prepare, tile_scene
 
 ID, COLOUR = "_instance_id_RGB", "_instance_color_RGB"
 

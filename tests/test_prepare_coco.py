@@ -10,13 +10,13 @@ from pathlib import Path
 import cv2
 import numpy as np
 import pytest
+from isaid_reference import VALUE_TO_LABEL, read_rgb_values
 from pycocotools import mask as mask_utils
 
-from isaid_reference import VALUE_TO_LABEL, read_rgb_values
-from pipeline.errors import BadAnnotationError, DuplicateNameError, UnsafePathError
-from pipeline.params import DataParams, Params, PrepareParams, RunnerParams
-from pipeline.prepare import discover_scenes, run_prepare, tile_scene
-from pipeline.shards import list_shards, read_records
+from pipeline.core.errors import BadAnnotationError, DuplicateNameError, UnsafePathError
+from pipeline.core.params import DataParams, Params, PrepareParams, RunnerParams
+from pipeline.core.shards import list_shards, read_records
+from pipeline.stages.prepare import discover_scenes, run_prepare, tile_scene
 from schemas import Tile
 
 

@@ -1,7 +1,7 @@
 """prepare, iSAID adapter: tiles and instances equal the devkit's, on the bundled real scenes.
 
 The expected values come from tests/isaid_reference.py, a plain full-mask reading of the devkit
-that shares no code with pipeline.isaid. Small scenes for the edge cases are crops of the real
+that shares no code with pipeline.sources.isaid. Small scenes for the edge cases are crops of the real
 P0005 (image, id and colour masks) written by `write_crop` below.
 """
 
@@ -13,14 +13,14 @@ from pathlib import Path
 import cv2
 import numpy as np
 import pytest
-
 from isaid_reference import devkit_scene, devkit_tiles
-from pipeline import masks
-from pipeline.errors import BadMaskError
-from pipeline.imaging import decode_png, sha256
-from pipeline.params import DataParams, Params, PrepareParams, RunnerParams
-from pipeline.prepare import discover_scenes, run_prepare, tile_scene
-from pipeline.shards import list_shards, read_records
+
+from pipeline.core.errors import BadMaskError
+from pipeline.core.imaging import decode_png, sha256
+from pipeline.core.params import DataParams, Params, PrepareParams, RunnerParams
+from pipeline.core.shards import list_shards, read_records
+from pipeline.geometry import masks
+from pipeline.stages.prepare import discover_scenes, run_prepare, tile_scene
 from schemas import Tile
 
 SUFFIXES = ("", "_instance_id_RGB", "_instance_color_RGB")

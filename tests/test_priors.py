@@ -5,13 +5,20 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from pipeline import masks
-from pipeline.errors import BadParamsError
-from pipeline.imaging import encode_png, sha256
-from pipeline.params import PlanParams
-from pipeline.plan import plan_tile
-from pipeline.priors import (category_prior, check_plan_params, cluster_info_word,
-                             instance_masks, parse_grid, position, region_name, split_instances)
+from pipeline.core.errors import BadParamsError
+from pipeline.core.imaging import encode_png, sha256
+from pipeline.core.params import PlanParams
+from pipeline.geometry import masks
+from pipeline.geometry.grid import position, region_name
+from pipeline.geometry.priors import (
+    category_prior,
+    check_plan_params,
+    cluster_info_word,
+    instance_masks,
+    parse_grid,
+    split_instances,
+)
+from pipeline.stages.plan import plan_tile
 from schemas import ObjectInstance, Tile, Window
 
 
@@ -210,3 +217,16 @@ def test_clusters_of_several_categories_are_numbered_by_category_name():
     split = _split(tile, cluster_min_count=6)
     assert [(c.cluster_id, c.category, c.region) for c in split.clusters] == [
         ("c0", "Large_Vehicle", "bottom left"), ("c1", "Small_Vehicle", "top left")]
+
+
+def test_an_object_on_a_cell_boundary_has_one_name_everywhere():
+    """Pixels in columns 29 and 30 of a 90-wide tile: centroid 30.0 in continuous coordinates,
+    on the 3x3 split line, so the later cell. The planner's prior and the template backend's
+    measured cell must agree (they once used index and continuous centroids)."""
+    from annotators.attributes import TileMeasure
+
+    tile = synthetic_tile([(29, 44, 31, 46)], "ship", size=(90, 90), tile_id="B_0_90_0_90")
+    plan, _ = plan_tile(tile, PlanParams(grid=3))
+    measured = TileMeasure(tile.tile_id, plan.measurements).objects[tile.objects[0].object_id]
+    assert plan.positions == ["center"]
+    assert measured.cell == "center"

@@ -22,11 +22,12 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from pycocotools import mask as mask_utils
 
-from pipeline import geometry, masks
-from pipeline.errors import GeoPixelDError
-from pipeline.label_sources import geojson_scene_labels, parse_dota, rasterize, read_geojson
-from pipeline.params import ImageryParams
-from pipeline.user_files import MAX_JSON_DEPTH, parse_json
+from pipeline.core.errors import GeoPixelDError
+from pipeline.core.params import ImageryParams
+from pipeline.core.user_files import MAX_JSON_DEPTH, parse_json
+from pipeline.geometry import checks as geometry
+from pipeline.geometry import masks
+from pipeline.sources.label_sources import geojson_scene_labels, parse_dota, rasterize, read_geojson
 from schemas import Window
 
 REPO = Path(__file__).resolve().parent.parent
@@ -328,8 +329,8 @@ def test_any_dota_text_is_refused_or_parsed(lines):
 BOUNDED = """
 import numpy as np
 from pycocotools import mask as mask_utils
-from pipeline import geometry
-from pipeline.errors import BadAnnotationError
+from pipeline.geometry import checks as geometry
+from pipeline.core.errors import BadAnnotationError
 rng = np.random.default_rng(0)
 nasty = [[[0, 0, 1e9, 0, 1e9, 1e9]], [[0, 0, 1e8, 0, 1e8, 1e8]],
          [[-1e15, -1e15, 1e15, -1e15, 0, 1e15]], [[0, 0, 2.0 ** 53, 0, 0, 2.0 ** 53]],

@@ -27,15 +27,25 @@ import cv2
 import numpy as np
 import pytest
 
-from pipeline import masks
-from pipeline.errors import BadRecordError, EmptyInputError
-from pipeline.html_report import PALETTE, caption_html, render_overlay
-from pipeline.imaging import encode_png, sha256
-from pipeline.params import Params, QAParams
-from pipeline.qa import GEOPIXELD_REFERENCE, PLOT_COLUMNS, PhraseFacts, run_qa
-from pipeline.shards import read_records, write_json, write_records
-from schemas import (RLE, DroppedRecord, GroundedRecord, ObjectInstance, Phrase, Provenance,
-                     Response, Tile, Usage, Window)
+from pipeline.core.errors import BadRecordError, EmptyInputError
+from pipeline.core.imaging import encode_png, sha256
+from pipeline.core.params import Params, QAParams
+from pipeline.core.shards import read_records, write_json, write_records
+from pipeline.formats.html_report import PALETTE, caption_html, render_overlay
+from pipeline.geometry import masks
+from pipeline.stages.qa import GEOPIXELD_REFERENCE, PLOT_COLUMNS, PhraseFacts, run_qa
+from schemas import (
+    RLE,
+    DroppedRecord,
+    GroundedRecord,
+    ObjectInstance,
+    Phrase,
+    Provenance,
+    Response,
+    Tile,
+    Usage,
+    Window,
+)
 
 SIZE = 64
 VAL, TRAIN = "val-00000-of-00001.parquet", "train-00000-of-00001.parquet"

@@ -11,7 +11,7 @@ import sqlite3
 import pytest
 
 from annotators.cache import ResponseCache, cache_key
-from pipeline.params import CacheParams
+from pipeline.core.params import CacheParams
 from schemas import Response, Usage
 
 KEY_FIELDS = dict(backend="openai", model="gpt-4o-mini", prompt_version="v1",

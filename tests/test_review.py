@@ -14,17 +14,36 @@ import numpy as np
 import pyarrow.parquet as pq
 import pytest
 
-from pipeline import masks
-from pipeline.errors import BadDecisionsError, BadRecordError
-from pipeline.export import run_export
-from pipeline.imaging import encode_png, sha256
-from pipeline.params import Params
-from pipeline.review import (append_decisions, caption_html, decide, edit_distance, load_decisions,
-                             load_records, overlay, pending, phrase_colour, rename_phrase,
-                             review_hash, run_review)
-from pipeline.shards import read_records, shard_name, write_records
-from schemas import (DroppedRecord, GroundedRecord, ObjectInstance, Phrase, Provenance,
-                     ReviewDecision, Tile, Window)
+from pipeline.core.errors import BadDecisionsError, BadRecordError
+from pipeline.core.imaging import encode_png, sha256
+from pipeline.core.params import Params
+from pipeline.core.shards import read_records, shard_name, write_records
+from pipeline.geometry import masks
+from pipeline.stages.export import run_export
+from pipeline.stages.review import (
+    append_decisions,
+    caption_html,
+    decide,
+    edit_distance,
+    load_decisions,
+    load_records,
+    overlay,
+    pending,
+    phrase_colour,
+    rename_phrase,
+    review_hash,
+    run_review,
+)
+from schemas import (
+    DroppedRecord,
+    GroundedRecord,
+    ObjectInstance,
+    Phrase,
+    Provenance,
+    ReviewDecision,
+    Tile,
+    Window,
+)
 
 H, W = 48, 64
 PROVENANCE = Provenance(backend="template", model="template-v1", prompt_versions=["v1"],

@@ -19,9 +19,9 @@ from finetune.evaluate import (
     plain_caption,
     run_evaluate,
 )
-from pipeline import masks
-from pipeline.errors import BadAnnotationError, BadMaskError, EmptyInputError
-from pipeline.shards import shard_name, write_records
+from pipeline.core.errors import BadAnnotationError, BadMaskError, EmptyInputError
+from pipeline.core.shards import shard_name, write_records
+from pipeline.geometry import masks
 from schemas import GroundedRecord, Phrase, Provenance
 
 SIZE = 64

@@ -8,16 +8,16 @@ import os
 from pathlib import Path
 
 import pytest
+from test_template_backend import isaid_tile
 
 from annotators.base import local_scheduler_for
-from pipeline import masks
-from pipeline.errors import BadMaskError
-from pipeline.geopixel_format import sample_json
-from pipeline.params import Params
-from pipeline.runner import map_shards
-from pipeline.shards import read_records, write_records
+from pipeline.core.errors import BadMaskError
+from pipeline.core.params import Params
+from pipeline.core.runner import map_shards
+from pipeline.core.shards import read_records, write_records
+from pipeline.formats.geopixel_format import sample_json
+from pipeline.geometry import masks
 from schemas import TilePlan
-from test_template_backend import isaid_tile
 
 
 def _pid_and_square(n: int) -> tuple[int, int]:

@@ -1,5 +1,5 @@
 """SAM masks with a tiny random-initialised SAM built here (tests/tiny_sam.py), saved as a
-checkpoint and loaded back through pipeline.sam_masks.load_sam: box prompts in, masks of the
+checkpoint and loaded back through pipeline.sources.sam_masks.load_sam: box prompts in, masks of the
 tile's size out, one image encoding per tile; the automatic generator's masks filtered and
 given the unknown category; a missing or wrong checkpoint stops with one clear line."""
 
@@ -12,15 +12,16 @@ import cv2
 import numpy as np
 import pytest
 import torch
-
-from pipeline import masks, sam_masks
-from pipeline.categories import UNKNOWN_CATEGORY
-from pipeline.errors import BadParamsError
-from pipeline.new_imagery import mask_spec, run_annotate_imagery, run_tile_imagery
-from pipeline.params import SamParams, parse_params
-from pipeline.shards import list_shards, read_records
-from schemas import Request, Tile
 from tiny_sam import MODEL_TYPE, build_tiny_sam, write_tiny_checkpoint
+
+from pipeline.core.errors import BadParamsError
+from pipeline.core.params import SamParams, parse_params
+from pipeline.core.shards import list_shards, read_records
+from pipeline.geometry import masks
+from pipeline.geometry.categories import UNKNOWN_CATEGORY
+from pipeline.sources import sam_masks
+from pipeline.stages.new_imagery import mask_spec, run_annotate_imagery, run_tile_imagery
+from schemas import Request, Tile
 
 torch.set_num_threads(1)
 sam_masks.register_model(MODEL_TYPE, build_tiny_sam)

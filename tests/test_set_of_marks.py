@@ -4,17 +4,22 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
-
-from pipeline import masks
-from pipeline.imaging import decode_png
-from pipeline.params import MarkParams, PlanParams
-from pipeline.plan import plan_tile
-from pipeline.priors import instance_masks
-from pipeline.set_of_marks import (draw_marks, mark_side, number_glyph, place_marks,
-                                   render_set_of_marks)
-from schemas import Mark, Tile
 from test_plan import isaid_tile
 from test_priors import synthetic_tile
+
+from pipeline.core.imaging import decode_png
+from pipeline.core.params import MarkParams, PlanParams
+from pipeline.geometry import masks
+from pipeline.geometry.priors import instance_masks
+from pipeline.geometry.set_of_marks import (
+    draw_marks,
+    mark_side,
+    number_glyph,
+    place_marks,
+    render_set_of_marks,
+)
+from pipeline.stages.plan import plan_tile
+from schemas import Mark, Tile
 
 YELLOW = (255, 255, 0)
 

@@ -6,12 +6,27 @@ import numpy as np
 import pyarrow.parquet as pq
 import pytest
 
-from pipeline import masks
-from pipeline.errors import UnsafePathError
-from pipeline.shards import (list_shards, read_records, safe_join, safe_name, shard_name,
-                             staged_folder, write_records)
-from schemas import (SCHEMA_VERSION, GroundedRecord, ObjectInstance, Phrase, Provenance, Tile,
-                     Window, arrow_schema)
+from pipeline.core.errors import UnsafePathError
+from pipeline.core.shards import (
+    list_shards,
+    read_records,
+    safe_join,
+    safe_name,
+    shard_name,
+    staged_folder,
+    write_records,
+)
+from pipeline.geometry import masks
+from schemas import (
+    SCHEMA_VERSION,
+    GroundedRecord,
+    ObjectInstance,
+    Phrase,
+    Provenance,
+    Tile,
+    Window,
+    arrow_schema,
+)
 
 
 def _tile(tile_id: str = "P0001_0_800_0_800") -> Tile:

@@ -18,10 +18,10 @@ import pytest
 from annotators import attributes as attr
 from annotators.base import AnnotationContext, Backend, get_backend
 from annotators.template import TemplateBackend
-from pipeline import masks
-from pipeline.categories import ISAID_COLOUR_TO_CATEGORY, plural, readable
-from pipeline.imaging import encode_png, sha256
-from pipeline.params import BackendParams
+from pipeline.core.imaging import encode_png, sha256
+from pipeline.core.params import BackendParams
+from pipeline.geometry import masks
+from pipeline.geometry.categories import ISAID_COLOUR_TO_CATEGORY, plural, readable
 from schemas import ObjectInstance, Request, Tile, Window
 
 ISAID_VAL = Path(__file__).resolve().parents[1] / "data" / "isaid" / "val" / "images"

@@ -24,16 +24,21 @@ from PIL import Image  # noqa: E402
 from tiny_vlm import save_tiny_qwen25_vl  # noqa: E402
 
 from annotators.base import AnnotationContext, get_backend  # noqa: E402
-from annotators.transformers_backend import (  # noqa: E402
-    NAME, Sampling, TransformersBackend, chat_text)
-from pipeline.annotate import KINDS, run_annotate  # noqa: E402
-from pipeline.errors import BadParamsError  # noqa: E402
-from pipeline.imaging import encode_png, sha256  # noqa: E402
-from pipeline.params import BackendParams, Params  # noqa: E402
-from pipeline.plan import run_plan  # noqa: E402
-from pipeline.prepare import run_prepare  # noqa: E402
-from pipeline.shards import list_shards, read_records  # noqa: E402
-from schemas import Request, Response, Tile, TilePlan  # noqa: E402
+from annotators.transformers_backend import NAME, Sampling, TransformersBackend, chat_text  # noqa: E402
+from pipeline.core.errors import BadParamsError  # noqa: E402
+from pipeline.core.imaging import encode_png, sha256  # noqa: E402
+from pipeline.core.params import BackendParams, Params  # noqa: E402
+from pipeline.core.shards import list_shards, read_records  # noqa: E402
+from pipeline.stages.annotate import run_annotate  # noqa: E402
+from pipeline.stages.plan import run_plan  # noqa: E402
+from pipeline.stages.prepare import run_prepare  # noqa: E402
+from schemas import (  # noqa: E402
+    PASSES,  # noqa: E402
+    Request,
+    Response,
+    Tile,
+    TilePlan,
+)
 
 ISAID = Path(__file__).resolve().parents[1] / "data" / "isaid"
 MAX_TOKENS = 24
@@ -82,13 +87,13 @@ def realistic_mix(root: Path) -> tuple[list[Request], AnnotationContext]:
     """Two patches, each with 1 holistic + 3 instance + 1 cluster request: holistic and
     cluster on the tile, instance on its set-of-marks image."""
     requests = {kind: [r for s in list_shards(root / "plan" / "requests" / kind)
-                       for r in read_records(s, Request)] for kind in KINDS}
+                       for r in read_records(s, Request)] for kind in PASSES}
     plans = [p for s in list_shards(root / "plan" / "tiles") for p in read_records(s, TilePlan)]
     chosen = [p for p in plans if len(p.marks) >= 3 and p.clusters][:2]
     assert len(chosen) == 2
     mix: list[Request] = []
     for plan in chosen:
-        of_tile = {k: [r for r in requests[k] if r.tile_id == plan.tile_id] for k in KINDS}
+        of_tile = {k: [r for r in requests[k] if r.tile_id == plan.tile_id] for k in PASSES}
         mix += of_tile["holistic"][:1] + of_tile["instance"][:3] + of_tile["cluster"][:1]
     tiles = {t.tile_id: t for s in list_shards(root / "tiles") for t in read_records(s, Tile)}
     context = AnnotationContext(tiles={p.tile_id: tiles[p.tile_id] for p in chosen},
@@ -187,7 +192,7 @@ def test_sampling_is_seeded(val_plan, model_dir):
 
 def test_annotate_stage_answers_every_request(val_plan, model_dir, tmp_path):
     params = pipeline_params(tmp_path, model_dir)
-    for kind in KINDS:
+    for kind in PASSES:
         out = tmp_path / "responses" / kind
         report = run_annotate(params, kind, val_plan / "tiles", val_plan / "plan", out)
         for shard in list_shards(val_plan / "plan" / "requests" / kind):

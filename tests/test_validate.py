@@ -5,9 +5,9 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from pipeline import masks
-from pipeline.params import ComposeParams
-from pipeline.validate import REASONS, has_leaked_mark, sanitize_fragment, validate_record
+from pipeline.core.params import ComposeParams
+from pipeline.core.validate import REASONS, has_leaked_mark, sanitize_fragment, validate_record
+from pipeline.geometry import masks
 from schemas import RLE, GroundedRecord, Phrase, Provenance
 
 SIZE = 32

@@ -86,8 +86,12 @@ def save_tiny_qwen25_vl(folder: Path, corpus: Iterable[str], seed: int = 0,
                         max_pixels: int = 112 * 112) -> Path:
     """Build, randomly initialise and save a tiny Qwen2.5-VL with its processor in `folder`."""
     import torch
-    from transformers import (Qwen2_5_VLForConditionalGeneration, Qwen2_5_VLProcessor,
-                              Qwen2VLImageProcessor, Qwen2VLVideoProcessor)
+    from transformers import (
+        Qwen2_5_VLForConditionalGeneration,
+        Qwen2_5_VLProcessor,
+        Qwen2VLImageProcessor,
+        Qwen2VLVideoProcessor,
+    )
 
     folder = Path(folder)
     tokenizer = tiny_tokenizer(corpus)

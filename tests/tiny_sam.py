@@ -2,7 +2,7 @@
 
 No weights can be downloaded here, so tests (and `bench/sam_box_prompts.py --small`) build this
 model, save its state_dict as a checkpoint file and load it back through
-`pipeline.sam_masks.load_sam`, the path a real vit_h checkpoint takes. 256 px input, ViT of
+`pipeline.sources.sam_masks.load_sam`, the path a real vit_h checkpoint takes. 256 px input, ViT of
 depth 2 and width 64, prompt embedding 32: `SamPredictor` and `SamAutomaticMaskGenerator` run
 on an 800x800 tile well under a second on one CPU thread.
 """
@@ -13,8 +13,13 @@ from functools import partial
 from pathlib import Path
 
 import torch
-from segment_anything.modeling import (ImageEncoderViT, MaskDecoder, PromptEncoder, Sam,
-                                       TwoWayTransformer)
+from segment_anything.modeling import (
+    ImageEncoderViT,
+    MaskDecoder,
+    PromptEncoder,
+    Sam,
+    TwoWayTransformer,
+)
 
 MODEL_TYPE = "tiny"
 IMAGE_SIZE = 256

@@ -13,7 +13,7 @@ from pathlib import Path
 from typing import Iterable
 
 import prompts
-from pipeline.categories import ISAID_PALETTE, plural, readable
+from pipeline.geometry.categories import ISAID_PALETTE, plural, readable
 
 # Qwen2.5-VL's special tokens, in Qwen's order (ids follow from it here, not Qwen's values).
 SPECIAL_TOKENS = ["<|endoftext|>", "<|im_start|>", "<|im_end|>", "<|object_ref_start|>",

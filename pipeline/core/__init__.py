@@ -1,0 +1,1 @@
+"""Infrastructure every stage shares: errors, parameters, shards, the runner, output folders, guarded readers, the text and record rules."""

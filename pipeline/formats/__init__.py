@@ -1,0 +1,1 @@
+"""Output formats: the GeoPixel training layout and the HTML report."""

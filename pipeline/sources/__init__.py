@@ -1,0 +1,1 @@
+"""Source adapters: iSAID, COCO, imagery of any size, label files, SAM masks, georeferencing."""
