@@ -10,6 +10,10 @@ CORE   := $(VENV)/.installed-core
 FULL   := $(VENV)/.installed-full
 # the extras the tests exercise; torch/torchvision are pinned to builds on local disk
 TEST_EXTRAS ?= dev,local,sam,train,geo
+# the suite in TEST_WORKERS processes (pytest-xdist; CI has 2 cores); one module stays in one
+# worker (--dist loadscope), so a module's fixtures (a build, a training run) are made once
+TEST_WORKERS ?= 2
+PYTEST_PARALLEL := -n $(TEST_WORKERS) --dist loadscope
 
 .PHONY: setup setup-test browser demo test test-all bench clean
 
@@ -37,10 +41,10 @@ demo: setup
 	$(BIN)/geopixeld summary build
 
 test: setup-test
-	$(BIN)/python -m pytest -q
+	$(BIN)/python -m pytest -q $(PYTEST_PARALLEL)
 
 test-all: setup-test
-	$(BIN)/python -m pytest -q -m "slow or not slow"
+	$(BIN)/python -m pytest -q $(PYTEST_PARALLEL) -m "slow or not slow"
 
 bench: setup
 	$(BIN)/python bench/prepare_plan.py

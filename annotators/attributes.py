@@ -105,27 +105,12 @@ FRACTION_WORDS: tuple[tuple[float, str], ...] = (
 # Words
 
 
-_ONES = ("zero one two three four five six seven eight nine ten eleven twelve thirteen "
-         "fourteen fifteen sixteen seventeen eighteen nineteen").split()
-_TENS = "_ _ twenty thirty forty fifty sixty seventy eighty ninety".split()
-
-
 def number_word(n: int) -> str:
     """Cardinal number in English words (0 .. 999,999): counts never appear as digits, so no
     text can be mistaken for a leaked set-of-marks number."""
-    if n < 0 or n >= 1_000_000:
-        raise ValueError(f"no words for {n}")
-    if n < 20:
-        return _ONES[n]
-    if n < 100:
-        tens, ones = divmod(n, 10)
-        return _TENS[tens] + (f"-{_ONES[ones]}" if ones else "")
-    if n < 1000:
-        hundreds, rest = divmod(n, 100)
-        return f"{_ONES[hundreds]} hundred" + (f" and {number_word(rest)}" if rest else "")
-    thousands, rest = divmod(n, 1000)
-    tail = "" if not rest else (" and " if rest < 100 else " ") + number_word(rest)
-    return f"{number_word(thousands)} thousand{tail}"
+    from pipeline.core.text import number_words
+
+    return number_words(n)
 
 
 def counted(n: int, category: str) -> str:

@@ -3,17 +3,24 @@
 `annotate(requests, context)` answers every request with one `Response` (status "ok" with text,
 or "failed" with the error): never raises for a single bad request, never drops one. Batching,
 concurrency and retries live inside the backend.
+
+What a backend can do is declared on its class (`Backend`'s capability attributes), so that
+stages and the registry read it instead of probing: `needs_pixels`, `answers_instance_batch`,
+`loads_model`, `shares_request_limit`, `uses_cache`.
 """
 
 from __future__ import annotations
 
 import importlib
-import inspect
+from abc import ABC, abstractmethod
 from dataclasses import dataclass, field
-from typing import Mapping, Protocol, Sequence, runtime_checkable
+from typing import TYPE_CHECKING, ClassVar, Mapping, Optional, Sequence
 
 from pipeline.core.params import BackendParams, CacheParams
 from schemas import Request, Response, Tile, TilePlan
+
+if TYPE_CHECKING:
+    from annotators.answering import BackendStats
 
 
 @dataclass(frozen=True)
@@ -36,16 +43,41 @@ class AnnotationContext:
         raise KeyError(f"no image with sha256 {sha}")
 
 
-@runtime_checkable
-class Backend(Protocol):
-    name: str
-    model: str
+class Backend(ABC):
+    """An annotator: its name and model (recorded in every response), what it can do, and
+    `annotate`.
 
+    Capabilities (class attributes, read by the stages and the registry):
+      needs_pixels            it looks at the tiles' pixels (False: it states what plan
+                              measured, and the stage may skip reading the tiles)
+      answers_instance_batch  it answers a batched-marks request (every mark of a patch) in
+                              one call; else the stage asks it one mark at a time
+      loads_model             it holds a model in memory, loaded once per process: its local
+                              shards run in threads of one process
+      shares_request_limit    its requests share one run-wide limit (concurrency, a server's
+                              rate-limit pause): its local shards run in threads of one process,
+                              where one limiter holds for all of them
+      uses_cache              it pays for its answers (money or GPU time) and keeps them in the
+                              response cache it is built with
+    """
+
+    name: ClassVar[str]
+    needs_pixels: ClassVar[bool] = True
+    answers_instance_batch: ClassVar[bool] = False
+    loads_model: ClassVar[bool] = False
+    shares_request_limit: ClassVar[bool] = False
+    uses_cache: ClassVar[bool] = False
+
+    model: str
+    # what the backend did, for the stage's report (None: nothing to report)
+    stats: Optional["BackendStats"] = None
+
+    @abstractmethod
     def annotate(self, requests: Sequence[Request],
                  context: AnnotationContext) -> list[Response]: ...
 
 
-# backend name -> "module:factory"; modules are imported only when chosen, so the template
+# backend name -> "module:class"; modules are imported only when chosen, so the template
 # backend never imports torch or openai.
 REGISTRY: dict[str, str] = {
     "template": "annotators.template:TemplateBackend",
@@ -55,25 +87,27 @@ REGISTRY: dict[str, str] = {
 
 
 def get_backend(params: BackendParams, cache: CacheParams | None = None) -> Backend:
-    """Build the backend `params.name` names. Backends that pay per call take a `cache`
-    argument and get the response cache `cache` describes; free ones (template) get none."""
+    """Build the backend `params.name` names. A backend that `uses_cache` gets the response
+    cache `cache` describes; free ones (template) get none."""
     try:
         target = REGISTRY[params.name]
     except KeyError:
         raise ValueError(f"unknown backend {params.name!r}; known: {sorted(REGISTRY)}") from None
     module, name = target.split(":")
-    factory = getattr(importlib.import_module(module), name)
-    if cache is not None and "cache" in inspect.signature(factory).parameters:
+    backend_class: type[Backend] = getattr(importlib.import_module(module), name)
+    if backend_class.uses_cache:
         from annotators.cache import ResponseCache
 
-        return factory(params, cache=ResponseCache.from_params(cache))
-    return factory(params)
+        made = ResponseCache.from_params(cache) if cache is not None else None
+        return backend_class(params, cache=made)  # type: ignore[call-arg]
+    return backend_class(params)  # type: ignore[call-arg]
 
 
 def local_scheduler_for(backend: Backend, local_scheduler: str) -> str:
     """The local dask scheduler for shards a backend answers: threads for a backend that holds
     a model in memory (`loads_model`: loaded once per process, so worker processes would each
-    load it), else `local_scheduler` (runner.local_scheduler)."""
-    if getattr(backend, "loads_model", False) and local_scheduler == "processes":
+    load it) or whose requests share one run-wide limit (`shares_request_limit`: worker
+    processes would each have their own), else `local_scheduler` (runner.local_scheduler)."""
+    if (backend.loads_model or backend.shares_request_limit) and local_scheduler == "processes":
         return "threads"
     return local_scheduler

@@ -34,7 +34,7 @@ import unicodedata
 from dataclasses import dataclass, field
 from typing import Mapping, Optional
 
-from pipeline.core.text import ESCAPE_SEQUENCE_RE, normalise_text
+from pipeline.core.text import ESCAPE_SEQUENCE_RE, normalise_text, split_sentences
 from schemas import Request
 
 REASONS = ("ok", "empty", "junk", "tags", "refusal", "mark_number", "repetition", "too_short",
@@ -172,8 +172,6 @@ _MOJIBAKE = re.compile(
 _LONG_TOKEN_CHARS = r"[A-Za-z0-9+/=_\-]"
 _WORD = re.compile(r"[^\W_]+(?:'[^\W_]+)?")
 _TERMINAL = ".!?"
-_ABBREVIATIONS = {"e.g", "i.e", "etc", "approx", "vs", "mr", "mrs", "dr", "st", "no", "ca", "fig",
-                  "m", "km", "ft", "sq"}
 # Words a sound sentence does not end on; and a determiner directly before a verb means the
 # subject was cut out.
 _DANGLING_END = {"a", "an", "the", "is", "are", "was", "were", "be", "with", "by", "of", "at",
@@ -339,22 +337,6 @@ def _refuse_non_prose(text: str, limits: CleaningLimits) -> None:
     ascii_letters = sum(ch.isascii() for ch in letters)
     if ascii_letters < limits.min_ascii_letter_share * len(letters):
         raise _Refused("junk", "not English text")
-
-
-def split_sentences(text: str) -> list[str]:
-    """Sentences of a paragraph, not split after abbreviations ("e.g.", "approx.") or inside
-    decimal numbers."""
-    sentences, start = [], 0
-    for m in re.finditer(r"[.!?]+[\"'\u201d\u2019)]*\s+", text):
-        before = text[start:m.start()].split()
-        last = before[-1].lower().rstrip(".") if before else ""
-        if text[m.start()] == "." and (last in _ABBREVIATIONS or len(last) == 1 and last.isalpha()):
-            continue
-        sentences.append(text[start:m.end()].strip())
-        start = m.end()
-    if text[start:].strip():
-        sentences.append(text[start:].strip())
-    return [s for s in sentences if s]
 
 
 def _remove_mark_numbers(sentences: list[str], fixes: list[str]) -> list[str]:

@@ -17,7 +17,7 @@ import time
 from typing import Callable, Sequence
 
 from annotators import attributes as attr
-from annotators.base import AnnotationContext
+from annotators.base import AnnotationContext, Backend
 from pipeline.core.errors import BadImageError
 from pipeline.core.params import BackendParams
 from pipeline.geometry.categories import plural, readable
@@ -35,7 +35,7 @@ class Unanswerable(Exception):
     """A request this backend cannot answer from its context (recorded as a failed response)."""
 
 
-class TemplateBackend:
+class TemplateBackend(Backend):
     """Backend that writes descriptions from measured attributes, offline and deterministic."""
 
     name = "template"

@@ -18,22 +18,21 @@ model's own `get_rope_index` positions and the text after it continues at the pr
 position + 1 on all three axes, exactly where plain `generate` puts it, so greedy outputs are the
 tokens plain one-prompt-at-a-time `model.generate` gives (tests/test_transformers_backend.py).
 
-Public transformers APIs relied on (same in 5.17 and 5.23): `from_pretrained`, the processor's
-chat template and call, the model's forward with `position_ids`, `attention_mask`,
-`past_key_values`, `use_cache` and `logits_to_keep`; `DynamicCache.reorder_cache` (the
-beam-search hook, an index_select along the batch); `model.base_model.get_rope_index(input_ids,
+Public transformers APIs relied on (tested with 5.25): `from_pretrained`, the processor's
+chat template and call, the model's forward with `position_ids`, `attention_mask`, the KV cache
+(`cache`; `past_key_values` before transformers renamed it, which the model's forward names:
+`cache_keyword`), `use_cache` and `logits_to_keep`; `Cache.reorder_cache` (the beam-search
+hook, an index_select along the batch); `model.base_model.get_rope_index(input_ids,
 mm_token_type_ids, image_grid_thw)` for 3D positions (models without it get 1D positions);
 `RepetitionPenaltyLogitsProcessor`.
 
-Answers are cleaned as the openai backend cleans them (`openai_backend.clean_answer`:
-`annotators.cleaning` for the paper's passes, the JSON list of a batched-marks answer, the
-composer's paragraph as written), with the same per-kind token limits
-(`openai.max_tokens_by_kind`). A refused greedy answer is asked again `clean_retries` times by
-sampling (temperature `clean_retry_temperature`, seed + k), since greedy decoding would only
-repeat it; then it is recorded as failed with the reasons. A request without an image (the LLM
-composer's) is answered from its text. With a `ResponseCache` an answer already stored is not
-generated again (a killed run resumes where it stopped). The stage gives this backend batched-
-marks requests one mark at a time (it does not set `answers_instance_batch`): with the
+This module is the backend's transport: a round of asks is one batched generation (per ask
+number and token limit). The cache, cleaning and re-asks are `annotators.answering`'s, as for
+every model backend, with the same per-kind token limits (`annotate.backend.max_tokens_by_kind`).
+A refused greedy answer is asked again `clean_retries` times by sampling (temperature
+`clean_retry_temperature`, seed + k), since greedy decoding would only repeat it. A request
+without an image (the LLM composer's) is answered from its text. The stage gives this backend
+batched-marks requests one mark at a time (it does not set `answers_instance_batch`): with the
 set-of-marks image's prefix shared, a prompt per mark costs little more than one per patch.
 
 A model is loaded once per process and shared by the shard tasks of its threads (one
@@ -43,34 +42,30 @@ Temperature > 0 samples from the full softmax (no top-k / top-p), seeded per cal
 
 from __future__ import annotations
 
+import contextlib
 import inspect
 import io
 import re
 import threading
 import time
-from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Optional, Sequence
+from typing import Any, Callable, ContextManager, Optional, Sequence
 
 import torch
 
+from annotators.answering import ERROR_CHARS, Answer, Ask, Deliver, ModelBackend, image_error
 from annotators.base import AnnotationContext
 from annotators.cache import ResponseCache, cache_key
-from annotators.cleaning import CleaningLimits, drop_unfinished_sentence
-from annotators.openai_backend import clean_answer
 from pipeline.core.errors import BadImageError, BadParamsError
 from pipeline.core.params import BackendParams
-from schemas import Request, Response, Usage
+from schemas import Request, Usage
 
 NAME = "transformers"
 KEY = "annotate.backend.transformers.model_path"
-ERROR_CHARS = 200  # longest error text kept in a Response
 HUB_ID = re.compile(r"[A-Za-z0-9][\w.-]*/[\w.-]+")  # 'Qwen/Qwen2.5-VL-7B-Instruct'
 # Processor outputs that are token-level, not image inputs of the model.
 TOKEN_INPUTS = ("input_ids", "attention_mask", "mm_token_type_ids", "token_type_ids")
-# Kinds whose answer is kept whole when cut by the token limit (JSON, the composer's paragraph).
-WHOLE_ANSWERS = ("instance_batch", "compose")
 
 
 @dataclass(frozen=True)
@@ -89,12 +84,29 @@ class Generation:
 @dataclass
 class LoadedModel:
     """A model and its processor, ready to generate; the lock keeps one generation at a time
-    on it (dask threads share a loaded model)."""
+    on it (dask threads share a loaded model).
+
+    What differs between models and transformers versions is read here, once:
+    `cache_keyword`, the name under which the model's forward takes the KV cache and its
+    output holds it (`cache` where transformers has renamed it, in 5.x, where
+    `past_key_values` warns of its removal in 5.40; else `past_key_values`); `rope_index`, the
+    model's 3D rotary positions (`get_rope_index`: Qwen2-VL, Qwen2.5-VL; None: 1D positions),
+    and whether it takes `mm_token_type_ids` (`rope_takes_token_types`)."""
 
     model: Any
     processor: Any
     source: str
     lock: threading.Lock = field(default_factory=threading.Lock)
+    cache_keyword: str = field(init=False)
+    rope_index: Optional[Callable] = field(init=False)
+    rope_takes_token_types: bool = field(init=False)
+
+    def __post_init__(self) -> None:
+        forward = inspect.signature(self.model.forward).parameters
+        self.cache_keyword = "cache" if "cache" in forward else "past_key_values"
+        self.rope_index = getattr(self.model.base_model, "get_rope_index", None)
+        self.rope_takes_token_types = self.rope_index is not None and \
+            "mm_token_type_ids" in inspect.signature(self.rope_index).parameters
 
     @property
     def device(self) -> torch.device:
@@ -241,15 +253,14 @@ def decode_image(png: bytes):
 def _image_positions(loaded: LoadedModel, ids: torch.Tensor, inputs: dict) -> torch.Tensor:
     """Rotary positions of a prefix, (3, L) from the model's `get_rope_index` for 3D-position
     models (Qwen2-VL, Qwen2.5-VL), else (1, L) = 0..L-1."""
-    rope_index = getattr(loaded.model.base_model, "get_rope_index", None)
-    if rope_index is None:
+    if loaded.rope_index is None:
         return torch.arange(len(ids))[None]
     kwargs = {"image_grid_thw": inputs.get("image_grid_thw")}
-    if "mm_token_type_ids" in inspect.signature(rope_index).parameters:
+    if loaded.rope_takes_token_types:
         mm = inputs.get("mm_token_type_ids")
         kwargs["mm_token_type_ids"] = (mm[0] if mm is not None else
                                        (ids == image_token_id(loaded)).long())[None]
-    positions, _ = rope_index(ids[None], **kwargs)
+    positions, _ = loaded.rope_index(ids[None], **kwargs)
     return positions[:, 0, :].cpu()
 
 
@@ -267,7 +278,7 @@ def encode_prompts(loaded: LoadedModel, requests: Sequence[Request],
             ids = list(tokenizer(chat_text(processor, request.prompt, False))["input_ids"])
             key = ("", ids[0])
             if key not in prefixes:
-                dims = 3 if getattr(loaded.model.base_model, "get_rope_index", None) else 1
+                dims = 3 if loaded.rope_index is not None else 1
                 prefixes[key] = ImagePrefix(input_ids=torch.tensor(ids[:1]), image_inputs={},
                                             positions=torch.zeros((dims, 1), dtype=torch.long),
                                             next_position=1)
@@ -379,7 +390,8 @@ def generate_batch(loaded: LoadedModel, batch: Sequence[PromptTokens],
     out = model(input_ids=prefix_ids, attention_mask=torch.ones_like(prefix_ids),
                 position_ids=_positions_arg(positions), use_cache=True, logits_to_keep=1,
                 **image_inputs)
-    cache = out.past_key_values
+    keyword = loaded.cache_keyword
+    cache = out[keyword]
     cache.reorder_cache(torch.tensor(rows, device=device))  # one cache row per prompt
     # 2. The prompt texts, left-padded between prefix and text.
     n, width = len(batch), max(len(p.suffix) for p in batch)
@@ -400,7 +412,7 @@ def generate_batch(loaded: LoadedModel, batch: Sequence[PromptTokens],
     dims = positions.shape[0]
     out = model(input_ids=text_ids, attention_mask=mask,
                 position_ids=_positions_arg(text_pos[None].expand(dims, -1, -1)),
-                past_key_values=cache, use_cache=True, logits_to_keep=1)
+                use_cache=True, logits_to_keep=1, **{keyword: cache})
     # 3. Decoding, one token per live row per step; finished rows leave the batch.
     last_pos = text_pos[:, -1]
     history = None
@@ -449,7 +461,7 @@ def generate_batch(loaded: LoadedModel, batch: Sequence[PromptTokens],
             history = torch.cat([history, chosen[:, None]], dim=1)
         out = model(input_ids=chosen[:, None], attention_mask=mask,
                     position_ids=_positions_arg(last_pos[None, :, None].expand(dims, -1, -1)),
-                    past_key_values=cache, use_cache=True)
+                    use_cache=True, **{keyword: cache})
     decode = loaded.processor.tokenizer.decode
     return [Generation(token_ids=tuple(tokens[i]),
                        text=decode(tokens[i], skip_special_tokens=True),
@@ -461,48 +473,25 @@ def generate_batch(loaded: LoadedModel, batch: Sequence[PromptTokens],
 # The backend
 
 
-@dataclass
-class BackendStats:
-    """What a run did, for the stage's report: prompts generated, image prefixes computed,
-    forward batches, cache hits, cleaning outcomes."""
-
-    prompts: int = 0
-    image_prefixes: int = 0
-    forward_batches: int = 0
-    cache_hits: int = 0
-    answered: int = 0
-    failed: int = 0
-    cleaning_refusals: Counter = field(default_factory=Counter)
-    cleaning_fixes: Counter = field(default_factory=Counter)
-
-    def as_dict(self) -> dict:
-        return {"prompts": self.prompts, "image_prefixes": self.image_prefixes,
-                "forward_batches": self.forward_batches, "cache_hits": self.cache_hits,
-                "answered": self.answered, "failed": self.failed,
-                "cleaning_refusals": dict(self.cleaning_refusals),
-                "cleaning_fixes": dict(self.cleaning_fixes)}
-
-
-class TransformersBackend:
+class TransformersBackend(ModelBackend):
     """Answers requests with a local multimodal model, prefix-shared and batched."""
 
     name = NAME
     loads_model = True  # one model per process: stages run its shards in threads
+    reported_stats = ("prompts", "image_prefixes", "forward_batches", "cache_hits", "answered",
+                      "failed", "cleaning_refusals", "cleaning_fixes")
 
     def __init__(self, params: BackendParams, cache: Optional[ResponseCache] = None, *,
                  loaded: Optional[LoadedModel] = None):
         """`loaded` hands over a model already in memory (benchmarks); otherwise the model
         folder is checked here and loaded at the first `annotate`."""
-        self.params = params
+        super().__init__(params, cache)
         self.source = loaded.source if loaded is not None else model_source(params)
         if loaded is None:
             check_model_source(self.source)
         self.model = model_name(self.source)
         self.dtype = str(loaded.dtype if loaded is not None else resolve_dtype(
             params.transformers.dtype, resolve_device(params.transformers.device)))
-        self.cache = cache
-        self.limits = CleaningLimits.from_params(params.openai)
-        self.stats = BackendStats()
         self._loaded = loaded
 
     @property
@@ -511,19 +500,14 @@ class TransformersBackend:
             self._loaded = load_model(self.params)
         return self._loaded
 
-    def max_tokens(self, kind: str) -> int:
-        """Longest answer of a request kind: openai.max_tokens_by_kind (the composer's
-        paragraph), else max_tokens; the same limits as the openai backend's."""
-        return self.params.openai.max_tokens_by_kind.get(kind, self.params.max_tokens)
-
     def sampling(self, ask: int = 0, max_tokens: Optional[int] = None) -> Sampling:
         """Greedy (or the configured temperature) first; re-asks sample with seed + ask."""
         p, t = self.params, self.params.transformers
         limit = max_tokens or p.max_tokens
         penalty = t.repetition_penalty
         if penalty is None:
-            penalty = getattr(self.loaded.model.generation_config, "repetition_penalty", None)
-        temperature = p.temperature if not ask else max(p.temperature, t.clean_retry_temperature)
+            penalty = self.loaded.model.generation_config.repetition_penalty
+        temperature = p.temperature if not ask else max(p.temperature, p.clean_retry_temperature)
         return Sampling(max_new_tokens=limit, temperature=temperature, seed=p.seed + ask,
                         repetition_penalty=float(penalty or 1.0),
                         min_new_tokens=min(t.min_new_tokens, limit))
@@ -541,7 +525,7 @@ class TransformersBackend:
                   sampling: Optional[Sampling], ask: int = 0) -> list[Generation]:
         limits: dict[int, list[int]] = {}  # token limit -> indices of its requests
         for i, r in enumerate(requests):
-            limit = sampling.max_new_tokens if sampling else self.max_tokens(r.kind)
+            limit = sampling.max_new_tokens if sampling else self.params.max_tokens_for(r.kind)
             limits.setdefault(limit, []).append(i)
         if not requests:
             return []
@@ -563,79 +547,37 @@ class TransformersBackend:
         return cache_key(backend=NAME, model=self.source, prompt_version=request.prompt_version,
                          prompt=request.prompt, image_sha256=request.image_sha256,
                          generation=generation_params(self.params, self.dtype,
-                                                      self.max_tokens(request.kind)))
+                                                      self.params.max_tokens_for(request.kind)))
 
-    def annotate(self, requests: Sequence[Request], context: AnnotationContext) -> list[Response]:
-        """One response per request, in request order."""
-        responses: dict[int, Response] = {}
-        keys: dict[int, str] = {}
-        todo: list[int] = []
-        images: dict[str, Any] = {}
-        for i, request in enumerate(requests):
-            sha = request.image_sha256
+    def transport(self, context: AnnotationContext) -> ContextManager[LocalGeneration]:
+        return contextlib.nullcontext(LocalGeneration(self, context))
+
+
+class LocalGeneration:
+    """The transport of one `annotate` call: each round's asks generated in batches (one
+    sampling per ask number), images decoded once per call."""
+
+    def __init__(self, backend: TransformersBackend, context: AnnotationContext):
+        self.backend, self.context = backend, context
+        self.images: dict[str, Any] = {}
+
+    def ask(self, asks: Sequence[Ask], deliver: Deliver) -> None:
+        by_number: dict[int, list[Ask]] = {}
+        for ask in asks:
+            sha = ask.request.image_sha256
             try:
-                if sha and sha not in images:
-                    images[sha] = decode_image(context.image(sha))
-            except KeyError as exc:
-                responses[i] = self._failed(request, f"image: {exc.args[0]}", attempts=0)
+                if sha and sha not in self.images:
+                    self.images[sha] = decode_image(self.context.image(sha))
+            except (KeyError, BadImageError) as exc:
+                deliver(ask.key, Answer(ask.number, error=image_error(exc), attempts=0))
                 continue
-            except BadImageError as exc:
-                responses[i] = self._failed(request, f"image: {exc.message}", attempts=0)
-                continue
-            if self.cache is not None:
-                keys[i] = self.request_key(request)
-                hit = self.cache.get(keys[i])
-                if hit is not None:
-                    cleaned = clean_answer(hit.raw_text, request, self.limits)
-                    if cleaned.ok:
-                        self.stats.cache_hits += 1
-                        responses[i] = self._response(
-                            request, status="ok", text=cleaned.text, usage=hit.usage,
-                            latency_s=hit.latency_s, attempts=hit.attempts, cached=True)
-                        continue
-            todo.append(i)
-        refusals: dict[int, list[str]] = {i: [] for i in todo}
-        usage = {i: [0, 0, 0.0] for i in todo}  # prompt tokens, completion tokens, seconds
-        last: dict[int, dict] = {}
-        for ask in range(self.params.transformers.clean_retries + 1):
-            if not todo:
-                break
-            answers = self._generate([requests[i] for i in todo], images, None, ask)
-            retry: list[int] = []
-            for i, answer in zip(todo, answers):
-                request = requests[i]
-                u = usage[i]
-                u[0], u[1], u[2] = u[0] + answer.prompt_tokens, u[1] + len(answer.token_ids), \
-                    u[2] + answer.latency_s
-                raw = answer.text
-                if answer.finish_reason == "length" and request.kind not in WHOLE_ANSWERS:
-                    raw = drop_unfinished_sentence(raw)  # cut by max_tokens
-                cleaned = clean_answer(raw, request, self.limits)
-                self.stats.cleaning_fixes.update(cleaned.fixes)
-                last[i] = dict(usage=Usage(prompt_tokens=u[0], completion_tokens=u[1]),
-                               latency_s=u[2], attempts=ask + 1)
-                if cleaned.ok:
-                    self.stats.answered += 1
-                    responses[i] = self._response(request, status="ok", text=cleaned.text,
-                                                  **last[i])
-                    if self.cache is not None:
-                        self.cache.put(keys[i], responses[i], raw_text=raw, replace=True)
-                else:
-                    self.stats.cleaning_refusals[cleaned.reason] += 1
-                    refusals[i].append(cleaned.reason)
-                    retry.append(i)
-            todo = retry
-        for i in todo:  # refused by cleaning at every ask
-            responses[i] = self._failed(
-                requests[i], f"output cleaning refused {len(refusals[i])} answers: "
-                             f"{', '.join(refusals[i])}", **last[i])
-        return [responses[i] for i in range(len(requests))]
-
-    def _response(self, request: Request, **fields: object) -> Response:
-        return Response(request_id=request.request_id, tile_id=request.tile_id,
-                        kind=request.kind, backend=NAME, model=self.model,
-                        prompt_version=request.prompt_version, cost_usd=0.0, **fields)
-
-    def _failed(self, request: Request, error: str, **fields: object) -> Response:
-        self.stats.failed += 1
-        return self._response(request, status="failed", error=error[:ERROR_CHARS], **fields)
+            by_number.setdefault(ask.number, []).append(ask)
+        for number, group in by_number.items():
+            generated = self.backend._generate([ask.request for ask in group], self.images,
+                                               None, number)
+            for ask, answer in zip(group, generated):
+                deliver(ask.key, Answer(
+                    number, text=answer.text, finish_reason=answer.finish_reason,
+                    usage=Usage(prompt_tokens=answer.prompt_tokens,
+                                completion_tokens=len(answer.token_ids)),
+                    latency_s=answer.latency_s))

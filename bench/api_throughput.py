@@ -187,7 +187,8 @@ def main() -> None:
     from annotators.openai_backend import async_http_client
     from pipeline.core.params import OpenAIParams
 
-    auto = "aiohttp" if async_http_client(OpenAIParams()) is not None else "httpx"
+    auto = "aiohttp" if async_http_client(OpenAIParams(), "http://127.0.0.1/v1") is not None \
+        else "httpx"
     print(f"openai backend vs loopback server: latency {args.latency * 1000:.0f} ms, "
           f"response cache {'off' if args.no_cache else 'on (SQLite)'}, "
           f"transport {auto} (httpx row: httpx), {os.cpu_count()} CPUs, "

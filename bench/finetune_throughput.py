@@ -138,7 +138,16 @@ def sync(device: torch.device) -> None:
         torch.cuda.synchronize(device)
 
 
-def main() -> None:
+def figure(out: dict, name: str, value, unit: str, **extra) -> None:
+    """Record one measured figure in `out["figures"]` (what bench/gpu_suite.py writes)."""
+    out.setdefault("figures", {})[name] = {"value": value, "unit": unit, **extra}
+
+
+def peak_gib(device: torch.device) -> float | None:
+    return torch.cuda.max_memory_allocated(device) / 2**30 if device.type == "cuda" else None
+
+
+def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--device", default="cuda", choices=["cuda", "cpu"])
     parser.add_argument("--shape", default="7b", choices=["7b", "tiny"])
@@ -149,24 +158,65 @@ def main() -> None:
     parser.add_argument("--eval-records", type=int, default=4)
     parser.add_argument("--eval-batch-size", type=int, default=2)
     parser.add_argument("--max-new-tokens", type=int, default=256)
-    args = parser.parse_args()
-    device = torch.device(args.device)
-    if device.type == "cpu":
-        torch.set_num_threads(max(1, min(4, torch.get_num_threads())))
+    parser.add_argument("--threads", type=int, default=None,
+                        help="torch threads on the cpu (default: at most 4)")
+    return parser
 
-    pairs = read_geopixel(SAMPLE_LIST, SAMPLE_LIST.parent)
-    record, tile = pairs[0]
-    corpus = [record.caption, FinetuneParams().question]
-    started = time.perf_counter()
-    model, processor, spec = build(args.shape, device, corpus)
-    sync(device)
-    build_s = time.perf_counter() - started
-    micro = args.batch_size * args.grad_accum
-    total_steps = args.warmup_steps + args.steps
-    samples = ListSamples([(record, tile.image_png)] * max(micro * total_steps,
-                                                           args.eval_records))
+
+class Setup:
+    """The model built from `args` and the workload both measurements use: the bundled
+    GeoPixelD record (800x800 tile, its [SEG] masks) repeated as often as needed."""
+
+    def __init__(self, args: argparse.Namespace, say=print):
+        self.args, self.device = args, torch.device(args.device)
+        if self.device.type == "cpu":
+            torch.set_num_threads(args.threads or max(1, min(4, torch.get_num_threads())))
+        pairs = read_geopixel(SAMPLE_LIST, SAMPLE_LIST.parent)
+        self.record, self.tile = pairs[0]
+        corpus = [self.record.caption, FinetuneParams().question]
+        started = time.perf_counter()
+        self.model, self.processor, self.spec = build(args.shape, self.device, corpus)
+        sync(self.device)
+        self.build_s = time.perf_counter() - started
+        micro = args.batch_size * args.grad_accum
+        self.samples = ListSamples([(self.record, self.tile.image_png)] * max(
+            micro * (args.warmup_steps + args.steps), args.eval_records))
+        self.trainable = sum(p.numel() for p in self.model.parameters() if p.requires_grad)
+        self.total = sum(p.numel() for p in self.model.parameters())
+        say(f"device {self.device} ({self.device_name()}), shape {args.shape}, "
+            f"torch {torch.__version__}")
+        say(f"model: {self.total / 1e6:.1f} M parameters, {self.trainable / 1e6:.2f} M trained "
+            f"(LoRA r=8, [SEG] rows, projection, mask decoder); built in {self.build_s:.1f} s")
+
+    def device_name(self) -> str:
+        return torch.cuda.get_device_name(self.device) if self.device.type == "cuda" else "cpu"
+
+    def context(self) -> dict:
+        gpu = self.device.type == "cuda"
+        height, width = self.tile.height, self.tile.width
+        return {"shape": self.args.shape, "device": str(self.device),
+                "device_name": self.device_name(), "dtype": "bfloat16" if gpu else "float32",
+                "tile_px": f"{width}x{height}", "seg_masks": len(self.record.phrases),
+                "sam_image_size": self.model.sam_image_size,
+                "parameters_m": round(self.total / 1e6, 2),
+                "trained_parameters_m": round(self.trainable / 1e6, 3),
+                "gradient_checkpointing": gpu}
+
+
+def measure_training(setup: Setup, out: dict | None = None, say=print) -> dict:
+    """Training samples/s through `finetune.train.train`, peak memory, and the LM-only step
+    beside the GeoPixel step; fills `out["context"]` and `out["figures"]` as it goes."""
+    from finetune.data import Collator
+
+    out = {} if out is None else out
+    args, device, model = setup.args, setup.device, setup.model
+    context = out.setdefault("context", {})
+    context.update(setup.context(), batch_size=args.batch_size, grad_accum=args.grad_accum,
+                   warmup_steps=args.warmup_steps, timed_steps=args.steps)
+    figure(out, "build_s", round(setup.build_s, 3), "s")
     work = Path(tempfile.mkdtemp(prefix="geopixeld-bench-"))
-    ft = FinetuneParams(base_model_path=spec.base_model_path, max_steps=total_steps,
+    ft = FinetuneParams(base_model_path=setup.spec.base_model_path,
+                        max_steps=args.warmup_steps + args.steps,
                         batch_size=args.batch_size, grad_accum=args.grad_accum,
                         warmup_steps=0, lr_schedule="constant", device=args.device,
                         num_workers=2 if device.type == "cuda" else 0,
@@ -175,70 +225,102 @@ def main() -> None:
     try:
         if device.type == "cuda":
             torch.cuda.reset_peak_memory_stats(device)
-        summary = train(model, processor, spec, samples, ft, work, device, on_step=steps.append)
-        timed = steps[args.warmup_steps:] or steps
-        train_s = sum(s["seconds"] for s in timed)
-        train_sps = sum(s["samples"] for s in timed) / train_s
-        step_s = statistics.median(s["seconds"] for s in timed) / args.grad_accum
-        train_peak = (torch.cuda.max_memory_allocated(device) / 2**30
-                      if device.type == "cuda" else None)
-
-        from finetune.data import Collator
-        collator = Collator(processor, spec.seg_token, spec.question, model.sam_image_size,
-                            spec.max_answer_tokens)
-        batches = [collator([samples[i] for i in range(args.batch_size)])
-                   for _ in range(min(args.steps, 4) + 1)]
-        tokens = int(batches[0]["vlm_inputs"]["attention_mask"][0].sum())
-        answer_tokens = int((batches[0]["labels"][0] != IGNORE_INDEX).sum())
-        lm_s = lm_only_seconds(model, batches, device, ft.bf16)
-
-        model.eval()
-        ev = EvaluateParams(batch_size=args.eval_batch_size, max_new_tokens=args.max_new_tokens,
-                            max_records=args.eval_records, device=args.device, captions=False)
-        if device.type == "cuda":
-            torch.cuda.reset_peak_memory_stats(device)
-        sync(device)
-        t0 = time.perf_counter()
-        predictions = generate_predictions(model, processor, spec, samples, ev, device)
-        sync(device)
-        predict_s = time.perf_counter() - t0
-        eval_peak = (torch.cuda.max_memory_allocated(device) / 2**30
-                     if device.type == "cuda" else None)
-        truth = [GTItem(f"{record.record_id}-{k}", record.caption,
-                        [(p.text, p.mask) for p in record.phrases])
-                 for k in range(len(predictions))]
-        preds = [PredItem(f"{record.record_id}-{k}", p["caption"], p["phrases"],
-                          [RLE(**m) for m in p["pred_masks"]])
-                 for k, p in enumerate(predictions)]
-        t0 = time.perf_counter()
-        evaluate_gcg(truth, preds, BagOfWordsEncoder(), captions=False)
-        score_s = time.perf_counter() - t0
+        summary = train(model, setup.processor, setup.spec, setup.samples, ft, work, device,
+                        on_step=steps.append)
     finally:
         shutil.rmtree(work, ignore_errors=True)
+    timed = steps[args.warmup_steps:] or steps
+    train_s = sum(s["seconds"] for s in timed)
+    train_sps = sum(s["samples"] for s in timed) / train_s
+    step_s = statistics.median(s["seconds"] for s in timed) / args.grad_accum
+    train_peak = peak_gib(device)
+    figure(out, "train_samples_per_s", round(train_sps, 4), "samples/s", steps=len(timed),
+           seconds=round(train_s, 3), last_loss=round(summary["last"]["total"], 4))
+    figure(out, "geopixel_micro_batch_s", round(step_s, 4), "s", of="median timed step")
+    if train_peak is not None:
+        figure(out, "peak_gpu_memory_train", round(train_peak, 3), "GiB")
 
-    trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
-    total = sum(p.numel() for p in model.parameters())
+    collator = Collator(setup.processor, setup.spec.seg_token, setup.spec.question,
+                        model.sam_image_size, setup.spec.max_answer_tokens)
+    batches = [collator([setup.samples[i] for i in range(args.batch_size)])
+               for _ in range(min(args.steps, 4) + 1)]
+    tokens = int(batches[0]["vlm_inputs"]["attention_mask"][0].sum())
+    answer_tokens = int((batches[0]["labels"][0] != IGNORE_INDEX).sum())
+    context.update(tokens=tokens, answer_tokens=answer_tokens)
+    say(f"sample: {context['tile_px']} tile, {tokens} tokens ({answer_tokens} answer tokens), "
+        f"{len(setup.record.phrases)} [SEG] masks; batch {args.batch_size} x accum "
+        f"{args.grad_accum}, bf16 {device.type == 'cuda'}, gradient checkpointing "
+        f"{device.type == 'cuda'}")
+    say(f"train: {train_sps:.3f} samples/s over {len(timed)} timed steps "
+        f"(loss {summary['last']['total']:.3f})"
+        + (f", peak memory {train_peak:.2f} GiB" if train_peak is not None else ""))
+    lm_s = lm_only_seconds(model, batches, device, ft.bf16)
+    figure(out, "lm_only_step_s", round(lm_s, 4), "s", of="median forward+backward, CE only")
+    figure(out, "ratio_geopixel_over_lm_only", round(step_s / lm_s, 3), "x",
+           of="mask branch + SAM encoder cost")
+    say(f"  GeoPixel micro-batch {step_s:.3f} s vs LM-only forward+backward {lm_s:.3f} s: "
+        f"ratio {step_s / lm_s:.2f} (mask branch + SAM encoder cost)")
+    model.zero_grad(set_to_none=True)
+    return out
+
+
+def measure_evaluation(setup: Setup, out: dict | None = None, say=print) -> dict:
+    """RS-GCG evaluation throughput: `generate_predictions` and `evaluate_gcg` scoring,
+    records/s of each and of both; fills `out["context"]` and `out["figures"]` as it goes."""
+    out = {} if out is None else out
+    args, device, model, processor = setup.args, setup.device, setup.model, setup.processor
+    record = setup.record
+    context = out.setdefault("context", {})
+    context.update(setup.context(), eval_records=args.eval_records,
+                   eval_batch_size=args.eval_batch_size, max_new_tokens=args.max_new_tokens)
+    model.eval()
+    ev = EvaluateParams(batch_size=args.eval_batch_size, max_new_tokens=args.max_new_tokens,
+                        max_records=args.eval_records, device=args.device, captions=False)
+    if device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats(device)
+    sync(device)
+    t0 = time.perf_counter()
+    predictions = generate_predictions(model, processor, setup.spec, setup.samples, ev, device)
+    sync(device)
+    predict_s = time.perf_counter() - t0
+    eval_peak = peak_gib(device)
     n_eval = len(predictions)
-    answer_len = statistics.mean(
-        len(processor.tokenizer(p["caption"], add_special_tokens=False)["input_ids"])
-        for p in predictions)
-    print(f"device {device} ({torch.cuda.get_device_name(device) if device.type == 'cuda' else 'cpu'}),"
-          f" shape {args.shape}, torch {torch.__version__}")
-    print(f"model: {total / 1e6:.1f} M parameters, {trainable / 1e6:.2f} M trained "
-          f"(LoRA r=8, [SEG] rows, projection, mask decoder); built in {build_s:.1f} s")
-    print(f"sample: 800x800 tile, {tokens} tokens ({answer_tokens} answer tokens), "
-          f"{len(record.phrases)} [SEG] masks; batch {args.batch_size} x accum {args.grad_accum}"
-          f", bf16 {device.type == 'cuda'}, gradient checkpointing {device.type == 'cuda'}")
-    print(f"train: {train_sps:.3f} samples/s over {len(timed)} timed steps "
-          f"(loss {summary['last']['total']:.3f})"
-          + (f", peak memory {train_peak:.2f} GiB" if train_peak is not None else ""))
-    print(f"  GeoPixel micro-batch {step_s:.3f} s vs LM-only forward+backward {lm_s:.3f} s: "
-          f"ratio {step_s / lm_s:.2f} (mask branch + SAM encoder cost)")
-    print(f"evaluate: predict {n_eval / predict_s:.3f} records/s "
-          f"(answers {answer_len:.0f} tokens on average, {args.max_new_tokens} max, "
-          f"batch {args.eval_batch_size}), "
-          f"score {n_eval / score_s:.1f} records/s, both {n_eval / (predict_s + score_s):.3f} "
-          f"records/s" + (f", peak memory {eval_peak:.2f} GiB" if eval_peak is not None else ""))
+    lengths = [len(processor.tokenizer(p["caption"], add_special_tokens=False)["input_ids"])
+               for p in predictions]
+    answer_len = statistics.mean(lengths)
+    figure(out, "predict_records_per_s", round(n_eval / predict_s, 4), "records/s",
+           records=n_eval, seconds=round(predict_s, 3))
+    figure(out, "predict_answer_tokens_per_s", round(sum(lengths) / predict_s, 2), "tokens/s",
+           of="answer tokens (re-tokenised captions) / predict seconds")
+    figure(out, "mean_answer_tokens", round(answer_len, 1), "tokens",
+           of=f"random weights: at most {args.max_new_tokens}")
+    truth = [GTItem(f"{record.record_id}-{k}", record.caption,
+                    [(p.text, p.mask) for p in record.phrases])
+             for k in range(n_eval)]
+    preds = [PredItem(f"{record.record_id}-{k}", p["caption"], p["phrases"],
+                      [RLE(**m) for m in p["pred_masks"]])
+             for k, p in enumerate(predictions)]
+    t0 = time.perf_counter()
+    evaluate_gcg(truth, preds, BagOfWordsEncoder(), captions=False)
+    score_s = time.perf_counter() - t0
+    figure(out, "score_records_per_s", round(n_eval / score_s, 2), "records/s",
+           of="evaluate_gcg, bag-of-words phrase encoder, no CIDEr/METEOR")
+    figure(out, "evaluate_records_per_s", round(n_eval / (predict_s + score_s), 4),
+           "records/s", of="predict + score")
+    if eval_peak is not None:
+        figure(out, "peak_gpu_memory_evaluate", round(eval_peak, 3), "GiB")
+    say(f"evaluate: predict {n_eval / predict_s:.3f} records/s "
+        f"(answers {answer_len:.0f} tokens on average, {args.max_new_tokens} max, "
+        f"batch {args.eval_batch_size}), "
+        f"score {n_eval / score_s:.1f} records/s, both {n_eval / (predict_s + score_s):.3f} "
+        f"records/s" + (f", peak memory {eval_peak:.2f} GiB" if eval_peak is not None else ""))
+    return out
+
+
+def main(argv: list[str] | None = None) -> None:
+    setup = Setup(build_parser().parse_args(argv))
+    measure_training(setup)
+    measure_evaluation(setup)
 
 
 if __name__ == "__main__":

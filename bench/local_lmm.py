@@ -189,7 +189,12 @@ def timed(device: torch.device, work, repeats: int = 1) -> tuple[float, object]:
     return best, result
 
 
-def main(argv: list[str] | None = None) -> None:
+def figure(out: dict, name: str, value, unit: str, **extra) -> None:
+    """Record one measured figure in `out["figures"]` (what bench/gpu_suite.py writes)."""
+    out.setdefault("figures", {})[name] = {"value": value, "unit": unit, **extra}
+
+
+def build_parser() -> argparse.ArgumentParser:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     ap.add_argument("--shape", choices=sorted(SHAPES), default=None,
@@ -207,8 +212,16 @@ def main(argv: list[str] | None = None) -> None:
                     help="timings per way, the best kept (default 1 on cuda, 2 on cpu)")
     ap.add_argument("--threads", type=int, default=1, help="torch threads on the cpu")
     ap.add_argument("--seed", type=int, default=0)
-    args = ap.parse_args(argv)
+    return ap
 
+
+def measure(args: argparse.Namespace, out: dict | None = None, say=print) -> dict:
+    """Run the three ways on `args` (`build_parser()`'s options), print as the CLI does through
+    `say`, and fill `out` as it goes: `out["context"]` (shape, device, dtype, workload) and
+    `out["figures"]` ({name: {"value", "unit", ...}}), so that a caller interrupted part-way
+    keeps what was measured."""
+    out = {} if out is None else out
+    context = out.setdefault("context", {})
     device = torch.device(args.device)
     gpu = device.type == "cuda"
     shape_name = args.shape or ("7b" if gpu else "tiny")
@@ -223,6 +236,9 @@ def main(argv: list[str] | None = None) -> None:
     dtype = torch.bfloat16 if gpu else torch.float32
     if not gpu:
         torch.set_num_threads(args.threads)
+    context.update(shape=shape_name, device=str(device), dtype=str(dtype).replace("torch.", ""),
+                   patches=n_patches, patch_px=size, images_per_patch=args.images_per_patch,
+                   new_tokens=args.new_tokens, repeats=repeats)
 
     tokenizer = train_tokenizer(prompt_texts())
     processor = qwen25_vl_processor(tokenizer, shape["max_pixels"])
@@ -234,93 +250,142 @@ def main(argv: list[str] | None = None) -> None:
                          source=f"random-qwen2.5-vl-{shape_name}")
     # every answer args.new_tokens long; no cleaning re-asks (random answers are gibberish)
     params = BackendParams(name="transformers", model=loaded.source, max_tokens=args.new_tokens,
-                           transformers={"device": str(device), "clean_retries": 0,
-                                         "min_new_tokens": args.new_tokens})
-    requests, context = requests_for(patches(n_patches, size, args.seed), args.images_per_patch)
+                           clean_retries=0,
+                           transformers={"device": str(device), "min_new_tokens": args.new_tokens})
+    requests, images = requests_for(patches(n_patches, size, args.seed), args.images_per_patch)
     params_b = sum(p.numel() for p in model.parameters()) / 1e9
     first = TransformersBackend(params, loaded=loaded).generate(
-        requests[:1], context, Sampling(max_new_tokens=1))[0].prompt_tokens
+        requests[:1], images, Sampling(max_new_tokens=1))[0].prompt_tokens
     where = torch.cuda.get_device_name() if gpu else f"{args.threads} thread(s)"
-    print(f"device {device} ({where}), shape {shape_name} ({params_b:.2f}B parameters, {dtype}, "
-          f"attention {model.config._attn_implementation}), built in {built:.1f} s; "
-          f"transformers {transformers.__version__}, torch {torch.__version__}")
-    print(f"{len(requests)} requests on {n_patches} patches of {size} px "
-          f"({args.images_per_patch} image(s) per patch: 1 holistic + {MARKS} instance + 1 "
-          f"cluster), {first} prompt tokens (holistic), {args.new_tokens} new tokens each, "
-          "end token suppressed")
+    context.update(device_name=where, parameters_m=round(params_b * 1e3, 3),
+                   attention=model.config._attn_implementation, requests=len(requests),
+                   prompt_tokens_holistic=first)
+    figure(out, "build_s", round(built, 3), "s")
+    say(f"device {device} ({where}), shape {shape_name} ({params_b:.2f}B parameters, {dtype}, "
+        f"attention {model.config._attn_implementation}), built in {built:.1f} s; "
+        f"transformers {transformers.__version__}, torch {torch.__version__}")
+    say(f"{len(requests)} requests on {n_patches} patches of {size} px "
+        f"({args.images_per_patch} image(s) per patch: 1 holistic + {MARKS} instance + 1 "
+        f"cluster), {first} prompt tokens (holistic), {args.new_tokens} new tokens each, "
+        "end token suppressed")
 
     # warm-up (kernels, allocator) on the first patch, every way
-    plain_generate(loaded, requests[:1], context, 2)
+    plain_generate(loaded, requests[:1], images, 2)
     TransformersBackend(params.model_copy(update={"max_tokens": 2}), loaded=loaded).annotate(
-        requests[:5], context)
+        requests[:5], images)
+
+    def way(name: str, rate: float, seconds: float, count: int, **extra) -> None:
+        peak = peak_gib(device) if gpu else None
+        figure(out, f"{name}_calls_per_s", round(rate, 4), "calls/s", requests=count,
+               seconds=round(seconds, 3), **extra,
+               **({"peak_gpu_gib": round(peak, 3)} if peak is not None else {}))
+
+    def record_best() -> None:
+        """The best of each way so far and the ratios, rewritten after every measurement."""
+        rate, batch = best_backend[0], best_backend[1]
+        if best_plain[1]:
+            figure(out, "best_plain_batched_calls_per_s", round(best_plain[0], 4), "calls/s",
+                   batch=best_plain[1])
+        if batch:
+            figure(out, "best_backend_calls_per_s", round(rate, 4), "calls/s", batch=batch,
+                   target=">= 20 on one H100, 7b shape")
+            figure(out, "ratio_backend_over_one_at_a_time", round(rate / max(one_rate, 1e-9), 3),
+                   "x")
+        if batch and best_plain[1]:
+            figure(out, "ratio_backend_over_plain_batched",
+                   round(rate / max(best_plain[0], 1e-9), 3), "x",
+                   target=">= 3 on one H100, 7b shape")
+        if gpu:
+            for name, value in (("one_at_a_time", one_peak), ("plain_batched", best_plain[2]),
+                                ("backend", best_backend[2])):
+                if value == value:  # not NaN: measured
+                    figure(out, f"peak_gpu_memory_{name}", round(value, 3), "GiB")
+
+    best_plain = (0.0, 0, float("nan"))
+    best_backend = (0.0, 0, float("nan"), None)
 
     # 1. plain generate, one prompt at a time
     few = requests[:args.plain_requests]
     reset_peak(device)
-    seconds, single = timed(device, lambda: [plain_generate(loaded, [r], context,
+    seconds, single = timed(device, lambda: [plain_generate(loaded, [r], images,
                                                             args.new_tokens)[0] for r in few],
                             repeats)
     one_rate, one_peak = len(few) / seconds, peak_gib(device)
-    print(f"plain generate, one at a time : {len(few):5d} requests {seconds:8.2f} s "
-          f"{one_rate:8.2f} calls/s{peak_note(device)}")
+    way("one_at_a_time", one_rate, seconds, len(few))
+    say(f"plain generate, one at a time : {len(few):5d} requests {seconds:8.2f} s "
+        f"{one_rate:8.2f} calls/s{peak_note(device)}")
 
     # 2. plain batched generate, each batch size
-    best_plain = (0.0, 0, float("nan"))
     for batch in plain_batches:
         reset_peak(device)
         try:
             seconds, _ = timed(device, lambda: [
-                plain_generate(loaded, requests[i:i + batch], context, args.new_tokens)
+                plain_generate(loaded, requests[i:i + batch], images, args.new_tokens)
                 for i in range(0, len(requests), batch)], repeats)
         except torch.cuda.OutOfMemoryError:
-            print(f"plain batched generate, {batch:4d} : out of GPU memory")
+            say(f"plain batched generate, {batch:4d} : out of GPU memory")
+            figure(out, f"plain_batched_b{batch}_calls_per_s", None, "calls/s",
+                   error="out of GPU memory")
             continue
         rate = len(requests) / seconds
-        print(f"plain batched generate, {batch:4d} : {len(requests):5d} requests {seconds:8.2f} s "
-              f"{rate:8.2f} calls/s{peak_note(device)}")
+        way(f"plain_batched_b{batch}", rate, seconds, len(requests), batch=batch)
+        say(f"plain batched generate, {batch:4d} : {len(requests):5d} requests {seconds:8.2f} s "
+            f"{rate:8.2f} calls/s{peak_note(device)}")
         if rate > best_plain[0]:
             best_plain = (rate, batch, peak_gib(device))
+        record_best()
 
     # 3. this backend, each batch size
-    best_backend = (0.0, 0, float("nan"), None)
     for batch in backend_batches:
         run = params.model_copy(update={"transformers": params.transformers.model_copy(
             update={"batch_size": batch})})
         backend = TransformersBackend(run, loaded=loaded)
         reset_peak(device)
         try:
-            seconds, responses = timed(device, lambda: backend.annotate(requests, context),
+            seconds, responses = timed(device, lambda: backend.annotate(requests, images),
                                        repeats)
         except torch.cuda.OutOfMemoryError:
-            print(f"transformers backend, {batch:4d}   : out of GPU memory")
+            say(f"transformers backend, {batch:4d}   : out of GPU memory")
+            figure(out, f"backend_b{batch}_calls_per_s", None, "calls/s",
+                   error="out of GPU memory")
             continue
         assert len(responses) == len(requests)
         rate = len(requests) / seconds
-        print(f"transformers backend, {batch:4d}   : {len(requests):5d} requests {seconds:8.2f} s "
-              f"{rate:8.2f} calls/s{peak_note(device)} "
-              f"({backend.stats.image_prefixes // repeats} image prefixes, "
-              f"{backend.stats.forward_batches // repeats} forward batches)")
+        way(f"backend_b{batch}", rate, seconds, len(requests), batch=batch,
+            image_prefixes=backend.stats.image_prefixes // repeats,
+            forward_batches=backend.stats.forward_batches // repeats)
+        say(f"transformers backend, {batch:4d}   : {len(requests):5d} requests {seconds:8.2f} s "
+            f"{rate:8.2f} calls/s{peak_note(device)} "
+            f"({backend.stats.image_prefixes // repeats} image prefixes, "
+            f"{backend.stats.forward_batches // repeats} forward batches)")
         if rate > best_backend[0]:
             best_backend = (rate, batch, peak_gib(device), backend)
+        record_best()
 
     rate, batch, peak, backend = best_backend
+    say(f"best plain batched: batch {best_plain[1]} at {best_plain[0]:.2f} calls/s; "
+        f"best backend: batch {batch} at {rate:.2f} calls/s")
+    say(f"ratio backend / plain batched = {rate / max(best_plain[0], 1e-9):.2f}x "
+        f"(target >= 3x on one H100, 7b shape)")
+    say(f"ratio backend / one at a time = {rate / max(one_rate, 1e-9):.2f}x; backend "
+        f"{rate:.2f} calls/s (target >= 20 on one H100, 7b shape)")
+    if gpu:
+        say(f"peak GPU memory: one at a time {one_peak:.1f} GiB, plain batched "
+            f"{best_plain[2]:.1f} GiB, backend {peak:.1f} GiB")
     same = 0
     if backend is not None:
-        answers = backend.generate(few, context, Sampling(max_new_tokens=args.new_tokens,
-                                                          min_new_tokens=args.new_tokens))
+        answers = backend.generate(few, images, Sampling(max_new_tokens=args.new_tokens,
+                                                           min_new_tokens=args.new_tokens))
         same = sum(a.token_ids == s for a, s in zip(answers, single))
-    print(f"best plain batched: batch {best_plain[1]} at {best_plain[0]:.2f} calls/s; "
-          f"best backend: batch {batch} at {rate:.2f} calls/s")
-    print(f"ratio backend / plain batched = {rate / max(best_plain[0], 1e-9):.2f}x "
-          f"(target >= 3x on one H100, 7b shape)")
-    print(f"ratio backend / one at a time = {rate / max(one_rate, 1e-9):.2f}x; backend "
-          f"{rate:.2f} calls/s (target >= 20 on one H100, 7b shape)")
-    if gpu:
-        print(f"peak GPU memory: one at a time {one_peak:.1f} GiB, plain batched "
-              f"{best_plain[2]:.1f} GiB, backend {peak:.1f} GiB")
     expect = ("float32: all expected" if dtype == torch.float32 else
               "bf16: other batch shapes may flip near-ties")
-    print(f"token-identical to one-at-a-time generate: {same}/{len(few)} answers ({expect})")
+    figure(out, "token_identical_to_one_at_a_time", same, "answers", of=len(few), note=expect)
+    say(f"token-identical to one-at-a-time generate: {same}/{len(few)} answers ({expect})")
+    return out
+
+
+def main(argv: list[str] | None = None) -> None:
+    measure(build_parser().parse_args(argv))
 
 
 if __name__ == "__main__":

@@ -97,7 +97,17 @@ def once_per_box(sam, tiles, boxes, args) -> int:
     return made
 
 
-def main() -> None:
+def figure(out: dict, name: str, value, unit: str, **extra) -> None:
+    """Record one measured figure in `out["figures"]` (what bench/gpu_suite.py writes)."""
+    out.setdefault("figures", {})[name] = {"value": value, "unit": unit, **extra}
+
+
+WAYS = (("once/tile, batched", "once_per_tile_batched", once_per_tile_batched),
+        ("once/tile, 1 by 1", "once_per_tile_single", once_per_tile_single),
+        ("once/box", "once_per_box", once_per_box))
+
+
+def build_parser() -> argparse.ArgumentParser:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
     ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     ap.add_argument("--model", default="vit_h", choices=["vit_h", "vit_l", "vit_b"])
@@ -107,36 +117,66 @@ def main() -> None:
     ap.add_argument("--tile-size", type=int, default=800)
     ap.add_argument("--batch", type=int, default=64, help="boxes per predict_torch call")
     ap.add_argument("--threads", type=int, default=1, help="torch CPU threads")
-    args = ap.parse_args()
-    args.tiles = args.tiles or (3 if args.small else 4)
-    args.boxes = args.boxes or (16 if args.small else 32)
-    torch.set_num_threads(args.threads)
-    torch.manual_seed(0)
+    return ap
 
+
+def measure(args: argparse.Namespace, out: dict | None = None, say=print) -> dict:
+    """Run the three ways on `args` (`build_parser()`'s options), print through `say`, and fill
+    `out` as it goes: `out["context"]` and `out["figures"]` ({name: {"value", "unit", ...}})."""
     import threading
 
     from pipeline.sources.sam_masks import LoadedSam
 
+    out = {} if out is None else out
+    context = out.setdefault("context", {})
+    args.tiles = args.tiles or (3 if args.small else 4)
+    args.boxes = args.boxes or (16 if args.small else 32)
+    torch.set_num_threads(args.threads)
+    torch.manual_seed(0)
+    gpu = args.device.startswith("cuda")
+
+    start = time.perf_counter()
     model = build(args).to(args.device).eval()
+    sync(args.device)
+    built = time.perf_counter() - start
     sam = LoadedSam(model=model, device=args.device, lock=threading.Lock())
     tiles, boxes = workload(args)
     name = "tiny" if args.small else args.model
-    print(f"SAM {name} (random init) on {args.device}: {args.tiles} tiles of "
-          f"{args.tile_size}x{args.tile_size}, {args.boxes} boxes each, batch {args.batch}")
+    context.update(shape=name, device=args.device,
+                   dtype=str(next(model.parameters()).dtype).replace("torch.", ""),
+                   image_size=model.image_encoder.img_size, tiles=args.tiles,
+                   tile_px=args.tile_size, boxes_per_tile=args.boxes, batch=args.batch,
+                   parameters_m=round(sum(p.numel() for p in model.parameters()) / 1e6, 2))
+    if gpu:
+        context["device_name"] = torch.cuda.get_device_name()
+    figure(out, "build_s", round(built, 3), "s")
+    say(f"SAM {name} (random init) on {args.device}: {args.tiles} tiles of "
+        f"{args.tile_size}x{args.tile_size}, {args.boxes} boxes each, batch {args.batch}")
     once_per_tile_batched(sam, tiles[:1], [boxes[0][:2]], args)  # warm-up (kernels, allocator)
     results = {}
-    for label, run in (("once/tile, batched", once_per_tile_batched),
-                       ("once/tile, 1 by 1", once_per_tile_single),
-                       ("once/box", once_per_box)):
+    for label, key, run in WAYS:
+        if gpu:
+            torch.cuda.reset_peak_memory_stats()
         sync(args.device)
         start = time.perf_counter()
         made = run(sam, tiles, boxes, args)
         sync(args.device)
         seconds = time.perf_counter() - start
         results[label] = made / seconds
-        print(f"  {label:<20} {made:5d} masks in {seconds:8.3f} s = {made / seconds:9.2f} masks/s")
+        extra = ({"peak_gpu_gib": round(torch.cuda.max_memory_allocated() / 2**30, 3)}
+                 if gpu else {})
+        figure(out, f"{key}_masks_per_s", round(made / seconds, 3), "masks/s", masks=made,
+               seconds=round(seconds, 3), **extra)
+        say(f"  {label:<20} {made:5d} masks in {seconds:8.3f} s = {made / seconds:9.2f} masks/s")
     base = results["once/box"]
-    print("  ratio vs once/box:  " + ", ".join(f"{k} x{v / base:.1f}" for k, v in results.items()))
+    for label, key, _ in WAYS[:2]:
+        figure(out, f"ratio_{key}_over_once_per_box", round(results[label] / base, 3), "x")
+    say("  ratio vs once/box:  " + ", ".join(f"{k} x{v / base:.1f}" for k, v in results.items()))
+    return out
+
+
+def main(argv: list[str] | None = None) -> None:
+    measure(build_parser().parse_args(argv))
 
 
 if __name__ == "__main__":

@@ -474,7 +474,7 @@ def run_evaluate_stage(params: Any, records_dir: Path, checkpoint_dir: Path | No
                        predictions_path: Path | None = None,
                        out_metrics: Path = Path("metrics/rs_gcg.json"),
                        out_dir: Path = Path("build/evaluate"),
-                       encoder: TextEncoder | None = None) -> dict:
+                       encoder: TextEncoder | None = None, scheduler: str | None = None) -> dict:
     """The evaluate stage: RS-GCG metrics of split `evaluate.split`, written as DVC metrics.
 
     Predictions come from `predictions_path` when given, else are generated from the
@@ -485,17 +485,20 @@ def run_evaluate_stage(params: Any, records_dir: Path, checkpoint_dir: Path | No
     skipped: one line on stderr, and metrics that say `"evaluated": false`. `out_dir` (with
     its report.json, the metrics again) is written whole either way, so DVC finds its outs.
     `skipped` in the metrics lists the caption metrics that were not computed, and why.
+    Generating runs as one task of the run's dask cluster when there is one (a GPU worker:
+    `runner.model_resources`), else here.
     """
     import sys
 
     from pipeline.core.output_folders import check_output_file
-    from pipeline.core.shards import staged_folder
+    from pipeline.core.stage import Stage
 
     ev = params.evaluate
     out_dir = Path(out_dir)
+    stage = Stage("evaluate", params, scheduler, holds_model=True)
     check_output_file(out_metrics, [records_dir, checkpoint_dir, predictions_path])
-    with staged_folder(out_dir, stage="evaluate",
-                       inputs=[records_dir, checkpoint_dir, predictions_path]) as staging:
+    with stage.output(out_dir, inputs=[records_dir, checkpoint_dir, predictions_path]) as out:
+        staging = out.folder
         if predictions_path is not None:
             source: dict[str, Any] = {"predictions": str(predictions_path)}
             read_from = Path(predictions_path)
@@ -503,15 +506,15 @@ def run_evaluate_stage(params: Any, records_dir: Path, checkpoint_dir: Path | No
             from finetune.predict import run_predict
 
             read_from = staging / "predictions.json"
-            generated = run_predict(Path(checkpoint_dir), Path(records_dir), read_from, ev)
+            generated = stage.call(run_predict, Path(checkpoint_dir), Path(records_dir),
+                                   read_from, ev, label="evaluate predict")
             source = {"checkpoint": str(checkpoint_dir),
                       "predictions": str(out_dir / "predictions.json"), "generation": generated}
         else:
             reason = ("no predictions file and no trained checkpoint"
                       + (f" in {checkpoint_dir}" if checkpoint_dir is not None else ""))
             print(printable(f"evaluate skipped: {reason}"), file=sys.stderr)
-            result = {"evaluated": False, "reason": reason}
-            write_json(staging / "report.json", result)
+            result = out.report = {"evaluated": False, "reason": reason}
             read_from = None
         if read_from is not None:
             ground_truth = load_split_ground_truth(Path(records_dir), ev.split)
@@ -524,7 +527,6 @@ def run_evaluate_stage(params: Any, records_dir: Path, checkpoint_dir: Path | No
                                    encoder if encoder is not None else encoder_from_params(ev),
                                    text_threshold=ev.text_threshold,
                                    iou_threshold=ev.iou_threshold, captions=ev.captions)
-            result = {"evaluated": True, "split": ev.split, **source, **metrics}
-            write_json(staging / "report.json", result)
+            result = out.report = {"evaluated": True, "split": ev.split, **source, **metrics}
     write_json(Path(out_metrics), result)
     return result

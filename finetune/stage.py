@@ -11,7 +11,7 @@ from pathlib import Path
 
 from pipeline.core.errors import printable
 from pipeline.core.params import Params
-from pipeline.core.shards import staged_folder, write_json
+from pipeline.core.stage import Stage
 
 
 def skip_report(reason: str) -> dict:
@@ -19,15 +19,16 @@ def skip_report(reason: str) -> dict:
 
 
 def run_finetune(params: Params, parquet_dir: Path, out_dir: Path,
-                 stop_after: int | None = None) -> dict:
-    """Fine-tune (finetune.train), or skip cleanly when no base model path is set."""
+                 stop_after: int | None = None, scheduler: str | None = None) -> dict:
+    """Fine-tune (finetune.train; on the run's dask cluster when there is one), or skip
+    cleanly when no base model path is set."""
     if not params.finetune.base_model_path.strip():
         reason = "finetune.base_model_path is empty (set it in params.yaml to train)"
         print(printable(f"finetune skipped: {reason}"), file=sys.stderr)
-        report = skip_report(reason)
-        with staged_folder(Path(out_dir), stage="finetune", inputs=[parquet_dir]) as staging:
-            write_json(staging / "report.json", report)
-        return report
+        with Stage("finetune", params, scheduler).output(Path(out_dir),
+                                                         inputs=[parquet_dir]) as out:
+            out.report = skip_report(reason)
+        return out.report
     from finetune.train import train_from_params
 
-    return train_from_params(params, parquet_dir, out_dir, stop_after)
+    return train_from_params(params, parquet_dir, out_dir, stop_after, scheduler=scheduler)

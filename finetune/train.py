@@ -51,6 +51,7 @@ from finetune.stage import run_finetune, skip_report  # noqa: F401 (the stage's 
 from pipeline.core.errors import BadParamsError
 from pipeline.core.params import FinetuneParams, Params
 from pipeline.core.shards import atomic_path, staged_folder, write_json
+from pipeline.core.stage import Stage
 
 CHECKPOINT_PREFIX = "step-"
 SPEC_FILE = "geopixel.json"
@@ -279,13 +280,42 @@ def train(model: GeoPixelModel, processor: Any, spec: ModelSpec, samples: Any,
 
 
 def train_from_params(params: Params, parquet_dir: Path, out_dir: Path,
-                      stop_after: int | None = None) -> dict:
-    """The finetune stage once a base model is set (`finetune.stage.run_finetune` decides)."""
+                      stop_after: int | None = None, scheduler: str | None = None) -> dict:
+    """The finetune stage once a base model is set (`finetune.stage.run_finetune` decides).
+    Training runs as one task of the run's dask cluster when there is one (a GPU worker:
+    `runner.model_resources`), else here; the checkpoint is then copied into `out_dir`."""
     ft = params.finetune
     out_dir = Path(out_dir)
     if not ft.sam_checkpoint_path.strip():
         raise BadParamsError("finetune.sam_checkpoint_path is empty: GeoPixel's mask decoder "
                              "starts from SAM weights (e.g. sam_vit_h_4b8939.pth)")
+    stage = Stage("finetune", params, scheduler, holds_model=True)
+    shipped = params
+    if stage.address:  # a worker elsewhere writes the run's checkpoints where this one reads
+        shipped = params.model_copy(update={"finetune": ft.model_copy(
+            update={"work_dir": str(Path(ft.work_dir).resolve())})})
+    key, device, summary = stage.call(train_run, shipped, Path(parquet_dir), stop_after)
+    work = Path(ft.work_dir) / key
+    report = {"skipped": False, "run_key": key, "device": device, **summary}
+    if not summary["complete"]:
+        print(f"finetune stopped at step {summary['steps']} of {summary['total_steps']}; "
+              f"run it again to resume from {work}", file=sys.stderr)
+        return report
+    final = latest_checkpoint(work)
+    with stage.output(out_dir, inputs=[parquet_dir, work]) as out:
+        for item in final.iterdir():
+            target = out.folder / item.name
+            (shutil.copytree if item.is_dir() else shutil.copy2)(item, target)
+        shutil.copy2(work / LOG_FILE, out.folder / LOG_FILE)
+        out.report = report
+    return report
+
+
+def train_run(params: Params, parquet_dir: Path, stop_after: int | None = None
+              ) -> tuple[str, str, dict]:
+    """Train (or resume) the run of `params` on the export in `parquet_dir`, checkpoints in
+    `finetune.work_dir/<run key>`: (run key, device, the run's summary)."""
+    ft = params.finetune
     samples = open_samples(Path(parquet_dir), ft.splits)
     device = resolve_device(ft.device)
     torch.manual_seed(ft.seed)
@@ -296,21 +326,9 @@ def train_from_params(params: Params, parquet_dir: Path, out_dir: Path,
         spec, device, ft.bf16, LossWeights(ft.ce_weight, ft.bce_weight, ft.dice_weight),
         ft.gradient_checkpointing)
     key = run_key(ft, samples)
-    work = Path(ft.work_dir) / key
-    summary = train(model, processor, spec, samples, ft, work, device, stop_after=stop_after)
-    report = {"skipped": False, "run_key": key, "device": str(device), **summary}
-    if not summary["complete"]:
-        print(f"finetune stopped at step {summary['steps']} of {summary['total_steps']}; "
-              f"run it again to resume from {work}", file=sys.stderr)
-        return report
-    final = latest_checkpoint(work)
-    with staged_folder(out_dir, stage="finetune", inputs=[parquet_dir, work]) as staging:
-        for item in final.iterdir():
-            target = staging / item.name
-            (shutil.copytree if item.is_dir() else shutil.copy2)(item, target)
-        shutil.copy2(work / LOG_FILE, staging / LOG_FILE)
-        write_json(staging / "report.json", report)
-    return report
+    summary = train(model, processor, spec, samples, ft, Path(ft.work_dir) / key, device,
+                    stop_after=stop_after)
+    return key, str(device), summary
 
 
 def read_log(log_path: Path) -> list[dict]:

@@ -24,10 +24,28 @@ app = typer.Typer(
     add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False,
     help="Build GeoPixelD-style grounded captions (<p> phrase </p> [SEG]) from aerial imagery.")
 
+
+
+def _version(value: bool) -> None:
+    if value:
+        from pipeline import __version__
+
+        typer.echo(f"geopixeld {__version__}")
+        raise typer.Exit()
+
+
+@app.callback()
+def _main(version: Annotated[Optional[bool], typer.Option(
+        "--version", callback=_version, is_eager=True,
+        help="Print the version and exit.")] = None) -> None:
+    pass
+
+
 ParamsOpt = Annotated[Path, typer.Option("--params", help="params.yaml to read (missing = defaults).")]
 SchedulerOpt = Annotated[Optional[str], typer.Option(
     "--scheduler", envvar="DASK_SCHEDULER_ADDRESS",
-    help="dask.distributed scheduler address (tcp://host:port); default: local threads.")]
+    help="dask.distributed scheduler address (tcp://host:port); default: params "
+    "runner.scheduler, else local worker processes. Workers must see the same file system.")]
 PASS_OF_COMMAND = {"holistic": "holistic", "instances": "instance", "clusters": "cluster"}
 
 
@@ -35,7 +53,9 @@ PASS_OF_COMMAND = {"holistic": "holistic", "instances": "instance", "clusters": 
 # with it is blamed on the option, not on the params file
 OPTION_OF = {"data.source": "--source", "data.root": "--root", "data.splits": "--split",
              "annotate.backend.name": "--backend", "annotate.backend.openai.mode": "--mode",
-             "compose.composer": "--composer", "evaluate.split": "--split"}
+             "compose.composer": "--composer", "evaluate.split": "--split",
+             "annotate.backend.model": "--model",
+             "annotate.backend.openai.image_detail": "--detail"}
 
 
 def _params(path: Path, **overrides: object) -> Params:
@@ -73,7 +93,7 @@ def prepare(
 
     p = _params(params, **{"data.source": source, "data.root": str(root) if root else None,
                            "data.splits": split or None})
-    report = run_prepare(p, out, splits=split or None, scheduler=scheduler or p.runner.scheduler)
+    report = run_prepare(p, out, splits=split or None, scheduler=scheduler)
     _done("prepare", out, report)
 
 
@@ -88,7 +108,7 @@ def plan(
     from pipeline.stages.plan import run_plan
 
     p = _params(params)
-    _done("plan", out, run_plan(p, tiles, out, scheduler=scheduler or p.runner.scheduler))
+    _done("plan", out, run_plan(p, tiles, out, scheduler=scheduler))
 
 
 def _annotate_command(cli_name: str, kind: str):
@@ -106,8 +126,7 @@ def _annotate_command(cli_name: str, kind: str):
         p = _params(params, **{"annotate.backend.name": backend,
                                "annotate.backend.openai.mode": mode})
         target = out or Path("build/responses") / kind
-        report = run_annotate(p, kind, tiles, plan_dir, target,
-                              scheduler=scheduler or p.runner.scheduler)
+        report = run_annotate(p, kind, tiles, plan_dir, target, scheduler=scheduler)
         _done(cli_name, target, report)
 
     command.__doc__ = f"Answer the {kind} requests with the configured backend -> Response shards."
@@ -133,8 +152,7 @@ def compose(
     from pipeline.stages.compose.stage import run_compose
 
     p = _params(params, **{"compose.composer": composer})
-    _done("compose", out, run_compose(p, tiles, plan_dir, responses, out,
-                                      scheduler=scheduler or p.runner.scheduler))
+    _done("compose", out, run_compose(p, tiles, plan_dir, responses, out, scheduler=scheduler))
 
 
 @app.command()
@@ -150,7 +168,7 @@ def review(
 
     p = _params(params)
     _done("review", out, run_review(p, records, decisions or Path(p.review.decisions), out,
-                                    scheduler=scheduler or p.runner.scheduler))
+                                    scheduler=scheduler))
 
 
 @app.command()
@@ -159,12 +177,13 @@ def export(
     records: Annotated[Path, typer.Option(help="GroundedRecord shards from `review`.")] = Path("build/reviewed"),
     out: Annotated[Path, typer.Option(help="Export folder: parquet/, coco/, geopixel/.")] = Path("build/export"),
     params: ParamsOpt = Path("params.yaml"),
+    scheduler: SchedulerOpt = None,
 ) -> None:
     """Write Parquet shards, COCO json and the GeoPixel training layout."""
     from pipeline.stages.export import run_export
 
     p = _params(params)
-    _done("export", out, run_export(p, tiles, records, out))
+    _done("export", out, run_export(p, tiles, records, out, scheduler=scheduler))
 
 
 @app.command()
@@ -186,7 +205,7 @@ def qa(
     p = _params(params)
     _done("qa", report, run_qa(p, records, metrics, plots, report, tiles_dir=tiles,
                                responses_dir=responses, compose_dir=compose_dir,
-                               review_dir=review_dir, scheduler=scheduler or p.runner.scheduler))
+                               review_dir=review_dir, scheduler=scheduler))
 
 
 @app.command()
@@ -195,12 +214,14 @@ def finetune(
     out: Annotated[Path, typer.Option(help="Fine-tuned checkpoint folder.")] = Path("build/finetune"),
     stop_after_steps: Annotated[Optional[int], typer.Option(help="Stop (resumably) after this many steps.")] = None,
     params: ParamsOpt = Path("params.yaml"),
+    scheduler: SchedulerOpt = None,
 ) -> None:
     """Fine-tune a GeoPixel-style model ([SEG] -> SAM decoder, LoRA); skipped without a base model."""
     from finetune.stage import run_finetune
 
     p = _params(params)
-    _done("finetune", out, run_finetune(p, export_dir, out, stop_after=stop_after_steps))
+    _done("finetune", out, run_finetune(p, export_dir, out, stop_after=stop_after_steps,
+                                        scheduler=scheduler))
 
 
 @app.command()
@@ -212,12 +233,14 @@ def evaluate(
     metrics: Annotated[Path, typer.Option(help="DVC metrics file to write.")] = Path("metrics/rs_gcg.json"),
     split: Annotated[Optional[str], typer.Option(help="Split to score (default: params evaluate.split).")] = None,
     params: ParamsOpt = Path("params.yaml"),
+    scheduler: SchedulerOpt = None,
 ) -> None:
     """RS-GCG scores (AP50, mIoU, Recall, CIDEr, METEOR) of a checkpoint or a predictions file."""
     from finetune.evaluate import run_evaluate_stage
 
     p = _params(params, **{"evaluate.split": split})
-    _done("evaluate", out, run_evaluate_stage(p, records, checkpoint, predictions, metrics, out))
+    _done("evaluate", out, run_evaluate_stage(p, records, checkpoint, predictions, metrics, out,
+                                              scheduler=scheduler))
 
 
 @app.command()
@@ -234,11 +257,12 @@ def build(
     """Run every stage for the given split(s), through the same functions as `dvc repro`."""
     from annotators.base import get_backend
     from pipeline.core.output_folders import check_output_location, output_lock
+    from pipeline.core.stage import resolve_scheduler
 
     p = _params(params, **{"data.source": source, "data.root": str(root) if root else None,
                            "data.splits": split or None, "annotate.backend.name": backend,
                            "compose.composer": composer})
-    sched = scheduler or p.runner.scheduler
+    sched = resolve_scheduler(scheduler, p)  # once for every stage of the build
     check_output_location(out, [p.data.root, params])  # before any work
     # a backend set-up mistake stops the build before prepare
     get_backend(p.annotate.backend, cache=p.annotate.cache)
@@ -266,7 +290,8 @@ def _build_stages(p: Params, out: Path, split: Optional[list[str]], sched: Optio
                                                   scheduler=sched))
     _done("review", out / "reviewed", run_review(p, out / "records", Path(p.review.decisions),
                                                  out / "reviewed", scheduler=sched))
-    _done("export", out / "export", run_export(p, out / "tiles", out / "reviewed", out / "export"))
+    _done("export", out / "export", run_export(p, out / "tiles", out / "reviewed", out / "export",
+                                               scheduler=sched))
     _done("qa", out / "qa", run_qa(p, out / "reviewed", out / "metrics" / "qa.json",
                                    out / "metrics" / "plots", out / "qa", tiles_dir=out / "tiles",
                                    responses_dir=out / "responses", compose_dir=out / "records",
@@ -284,6 +309,7 @@ def annotate(
     scheduler: SchedulerOpt = None,
 ) -> None:
     """Annotate new imagery of any size (GeoTIFF georeference kept), masks from SAM or labels."""
+    from pipeline.core.stage import resolve_scheduler
     from pipeline.stages.new_imagery import run_annotate_imagery
 
     p = _params(params)
@@ -299,11 +325,56 @@ def annotate(
         _say("scene", f" {report['scene']} ({report['width']}x{report['height']}{crs}): {what}")
 
     s = run_annotate_imagery(paths, out, p, masks, masks_path, backend,
-                             scheduler=scheduler or p.runner.scheduler, progress=progress)
+                             scheduler=resolve_scheduler(scheduler, p), progress=progress)
     _say("annotate", f" -> {out}  scenes={s['scenes']} tiles={s['tiles']} "
          f"objects={s['objects']} records={s['records']} phrases={s['phrases']} "
          f"calls={s['calls']} (cached {s['cached_calls']}, failed {s['failed_calls']}) "
          f"cost=${s['cost_usd']:.4f} (spent ${s['spent_usd']:.4f})")
+
+
+@app.command()
+def estimate(
+    plan_dir: Annotated[Optional[Path], typer.Option("--plan", help="Read this plan folder (output of `plan`); default: prepare and plan data.root's splits in memory (nothing written).")] = None,
+    tiles: Annotated[Optional[int], typer.Option("--tiles", min=1, help="Estimate a dataset of N tiles that is not built: the planned tiles' per-tile request mix (tiles with objects), scaled to N.")] = None,
+    tile_size: Annotated[Optional[int], typer.Option("--tile-size", min=1, help="Tile side in pixels with --tiles (default: prepare.tile_size).")] = None,
+    split: Annotated[Optional[list[str]], typer.Option(help="Split(s) to plan in memory (default: params data.splits).")] = None,
+    backend: Annotated[Optional[str], typer.Option(help="Override annotate.backend.name.")] = None,
+    model: Annotated[Optional[str], typer.Option(help="Override annotate.backend.model.")] = None,
+    detail: Annotated[Optional[str], typer.Option(help="Override annotate.backend.openai.image_detail: low, high or auto.")] = None,
+    price_input: Annotated[Optional[float], typer.Option(min=0, help="USD per million input tokens (over params annotate.backend.openai.prices).")] = None,
+    price_output: Annotated[Optional[float], typer.Option(min=0, help="USD per million output tokens.")] = None,
+    as_json: Annotated[bool, typer.Option("--json", help="Print the estimate as JSON.")] = False,
+    params: ParamsOpt = Path("params.yaml"),
+) -> None:
+    """Calls, tokens and cost (sync and Batch) of annotating with the configured backend and
+    model, before any paid call."""
+    from pipeline.core.errors import BadParamsError
+    from pipeline.core.estimate import estimate as bill
+    from pipeline.core.estimate import format_estimate, read_plan
+
+    p = _params(params, **{"annotate.backend.name": backend, "annotate.backend.model": model,
+                           "annotate.backend.openai.image_detail": detail})
+    if (price_input is None) != (price_output is None):
+        raise BadParamsError("--price-input and --price-output go together", "--price-input")
+    if tile_size is not None and tiles is None:
+        raise BadParamsError("needs --tiles N", "--tile-size")
+    if plan_dir is not None:
+        planned, source = read_plan(plan_dir, p.prepare.tile_size), f"read from {plan_dir}"
+        if not planned.sizes:
+            from pipeline.core.errors import EmptyInputError
+
+            raise EmptyInputError("no tile plans (tiles/*.parquet) in this folder", plan_dir)
+    else:
+        from pipeline.stages.estimate import plan_in_memory
+
+        splits = split or p.data.splits
+        planned = plan_in_memory(p, splits)
+        source = f"prepared and planned in memory from {p.data.root} ({', '.join(splits)})"
+    price = (price_input, price_output) if price_input is not None else None
+    block = bill(p, planned, scale_to=tiles,
+                 tile_size=(tile_size or p.prepare.tile_size) if tiles else None, price=price,
+                 source=source)
+    typer.echo(json.dumps(block, indent=2) if as_json else format_estimate(block))
 
 
 @app.command()

@@ -120,6 +120,9 @@ class Request(Record):
     position: Optional[str] = None
     mark_number: Optional[int] = None
     cluster_id: Optional[str] = None
+    bundles: Optional[list[str]] = Field(
+        default=None, description="instance_batch only: the ids of the per-mark instance "
+        "requests it asks in one call (planned too; their answers are stored one per mark)")
 
 
 class ObjectMeasurement(Record):
@@ -191,6 +194,10 @@ class Response(Record):
     latency_s: float = 0.0
     attempts: int = 0
     cached: bool = False
+    batch_id: Optional[str] = Field(
+        default=None, description="an instance answer of a batched-marks plan: the batch "
+        "request's id (answered in one call: its usage, cost, latency and attempts are on the "
+        "first mark's answer only)")
 
 
 class Phrase(Record):

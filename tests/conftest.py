@@ -14,6 +14,17 @@ ISAID = REPO / "data" / "isaid"
 GEOPIXELD_SAMPLE = REPO / "data" / "geopixeld_sample"
 
 
+@pytest.fixture(autouse=True)
+def _cli_process(request):
+    """A test marked `cold_cli` runs the CLI through `python -m pipeline.cli` in a fresh
+    interpreter (tests/hostile.py `run_cli`), not forked from the warm server."""
+    import hostile
+
+    hostile.COLD_TEST = request.node.get_closest_marker("cold_cli") is not None
+    yield
+    hostile.COLD_TEST = False
+
+
 @pytest.fixture(scope="session")
 def repo_root() -> Path:
     return REPO

@@ -19,7 +19,14 @@ given rate: 429 with Retry-After, 500, a response slower than the client's timeo
 sleeps, then drops the connection, so it never counts as answered), a dropped connection, a
 malformed JSON body. Counters say how many requests came, which faults were served, and how
 many times each request fingerprint (hash of its messages) was answered, so that a test can
-show that no request was answered twice.
+show that no request was answered twice; how many chat requests were in flight at most
+(`max_in_flight`, with `latency_s` keeping each one open that long) and when each arrived
+(`arrivals`: time.monotonic(), the fault served and the prompt), so that a test can show a
+run-wide limit.
+
+`token_field` makes the server take the token limit in one field only ("max_tokens" or
+"max_completion_tokens"): a request that sends the other gets OpenAI's HTTP 400 "Unsupported
+parameter", as newer OpenAI models answer `max_tokens`.
 
     with LoopbackOpenAI(fault_rate=0.2, seed=0) as server:
         params = ...base_url=server.base_url...
@@ -49,6 +56,7 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from typing import Callable, Optional, Sequence
 
 FAULTS = ("429", "500", "slow", "drop", "malformed")
+TOKEN_FIELDS = ("max_tokens", "max_completion_tokens")
 IMAGE_TOKENS = 85  # prompt tokens counted per image, like OpenAI's low-detail image cost
 HOST = "127.0.0.1"
 
@@ -120,6 +128,9 @@ class Counters:
     batches_created: int = 0
     batch_polls: int = 0
     batch_lines: int = 0
+    in_flight: int = 0  # chat requests being handled now
+    max_in_flight: int = 0  # the most at once
+    arrivals: list = field(default_factory=list)  # (time.monotonic(), fault or None, prompt)
 
     @property
     def answers(self) -> int:
@@ -135,7 +146,7 @@ class LoopbackOpenAI:
                  answer: Callable[[str, int], str] = default_answer,
                  api_key: Optional[str] = None, model: Optional[str] = None,
                  script: Sequence[Optional[str]] = (), batch_polls: int = 3,
-                 batch_create_faults: Sequence[str] = ()):
+                 batch_create_faults: Sequence[str] = (), token_field: Optional[str] = None):
         unknown = (set(faults) | set(script)) - set(FAULTS) - {None}
         if unknown:
             raise ValueError(f"unknown faults {sorted(unknown)}; known: {FAULTS}")
@@ -151,6 +162,9 @@ class LoopbackOpenAI:
         # Served to the next batch creations, in order: "500" (refused, nothing made) or
         # "drop_after" (the batch is made, the connection then dropped without an answer).
         self.batch_create_faults = list(batch_create_faults)
+        if token_field not in (None, *TOKEN_FIELDS):
+            raise ValueError(f"token_field {token_field!r}: one of {TOKEN_FIELDS} or None")
+        self.token_field = token_field
         self.counters = Counters()
         self.files: dict[str, bytes] = {}
         self.batches: dict[str, dict] = {}
@@ -302,7 +316,25 @@ class LoopbackOpenAI:
                 fault = None
             if fault:
                 self.counters.faults[fault] += 1
+            self.counters.arrivals.append((time.monotonic(), fault, prompt))
             return fault
+
+    def _entered(self) -> None:
+        with self._lock:
+            self.counters.in_flight += 1
+            self.counters.max_in_flight = max(self.counters.max_in_flight,
+                                              self.counters.in_flight)
+
+    def _left(self) -> None:
+        with self._lock:
+            self.counters.in_flight -= 1
+
+    def _refused_field(self, payload: dict) -> Optional[str]:
+        """The token-limit field this server refuses that the request sends, if any."""
+        if self.token_field is None:
+            return None
+        other = next(f for f in TOKEN_FIELDS if f != self.token_field)
+        return other if other in payload else None
 
     def _record_answer(self, fp: str, prompt: str, usage: dict) -> int:
         """Count an answer about to be sent; returns how many this print had before."""
@@ -317,7 +349,8 @@ class LoopbackOpenAI:
 
 def _seen(payload: dict, images: list[str]) -> dict:
     fmt = payload.get("response_format")
-    return ({k: payload.get(k) for k in ("model", "temperature", "max_tokens", "seed")}
+    return ({k: payload.get(k) for k in ("model", "temperature", "max_tokens",
+                                         "max_completion_tokens", "seed")}
             | {"images": images,
                "response_format": fmt and fmt.get("json_schema", {}).get("name", fmt["type"])})
 
@@ -386,9 +419,24 @@ class _Handler(BaseHTTPRequestHandler):
             messages = payload["messages"]
         except (ValueError, KeyError):
             return self._json(400, {"error": {"message": "bad request body", "type": "invalid"}})
+        owner._entered()
+        try:
+            self._chat(owner, payload, messages, generation)
+        finally:
+            owner._left()
+
+    def _chat(self, owner: "LoopbackOpenAI", payload: dict, messages: list,
+              generation: int) -> None:
         prompt, images = _prompt_and_images(messages)
         with owner._lock:
             owner.counters.seen.append(_seen(payload, images))
+        refused = owner._refused_field(payload)
+        if refused:
+            return self._json(400, {"error": {
+                "message": f"Unsupported parameter: '{refused}' is not supported with this "
+                           f"model. Use '{owner.token_field}' instead.",
+                "type": "invalid_request_error", "param": refused,
+                "code": "unsupported_parameter"}})
         fault = owner._draw_fault(prompt)
         if fault in ("500", "forced_500"):
             return self._json(500, {"error": {"message": "internal error", "type": "server"}})

@@ -1,26 +1,32 @@
 """Batched-marks mode (`plan.batched_marks`): one structured-output call per patch describes every
 marked object; fewer calls per patch than one call per mark, and compose grounds the same
-objects. A backend that answers one mark per call gets the bundled questions instead."""
+objects. A backend that answers one mark per call gets the bundled questions instead. Either
+way the annotate stage stores one instance response per mark, so compose reads one format."""
 
 from __future__ import annotations
 
 import json
 import os
+import subprocess
+import sys
 from pathlib import Path
 
+import pyarrow.parquet as pq
 import pytest
 from loopback_openai import LoopbackOpenAI, default_answer
 
+from annotators.answering import MARKS_MISSING, clean_marks_answer
 from annotators.base import AnnotationContext
 from annotators.cleaning import CleaningLimits
-from annotators.openai_backend import MARKS_MISSING, OpenAIBackend, clean_marks_answer
+from annotators.openai_backend import OpenAIBackend
+from pipeline.core.errors import BadShardError
 from pipeline.core.params import Params
-from pipeline.core.shards import list_shards, read_records
-from pipeline.stages.annotate import run_annotate
+from pipeline.core.shards import list_shards, read_records, write_records
+from pipeline.stages.annotate import per_mark_responses, run_annotate, split_batch_answer
 from pipeline.stages.compose.stage import run_compose
-from pipeline.stages.plan import mark_requests, run_plan
+from pipeline.stages.plan import run_plan
 from pipeline.stages.prepare import run_prepare
-from schemas import GroundedRecord, Request, Tile, TilePlan
+from schemas import GroundedRecord, Request, Response, TilePlan, Usage, arrow_schema
 
 KEY_ENV = "GEOPIXELD_TEST_MARKS_KEY"
 
@@ -48,6 +54,10 @@ def requests_of(folder: Path) -> list[Request]:
     return [r for s in list_shards(folder) for r in read_records(s, Request)]
 
 
+def responses_of(folder: Path) -> list[Response]:
+    return [r for s in list_shards(folder) for r in read_records(s, Response)]
+
+
 @pytest.fixture(scope="module")
 def built(tmp_path_factory, isaid_root):
     """Val tiles planned both ways; holistic and cluster answers (the same in both modes)."""
@@ -65,11 +75,12 @@ def built(tmp_path_factory, isaid_root):
     return out, isaid_root, plan_reports
 
 
-def answer_instances(built, mode: str, backend: str = "openai", answer=default_answer):
-    """Annotate the instance pass of one mode and compose it; returns the server, the annotate
-    and compose reports and the records."""
+def answer_instances(built, mode: str, backend: str = "openai", answer=default_answer,
+                     name: str | None = None):
+    """Annotate the instance pass of one mode and compose it (in `out/<name>`, default
+    `<mode>-<backend>`); returns the server, the annotate and compose reports and the records."""
     out, root, _ = built
-    folder = out / f"{mode}-{backend}"
+    folder = out / (name or f"{mode}-{backend}")
     responses = folder / "responses"
     with LoopbackOpenAI(answer=answer) as server:
         params = make_params(root, folder / "cache.sqlite", server.base_url, mode == "batched",
@@ -86,9 +97,13 @@ def answer_instances(built, mode: str, backend: str = "openai", answer=default_a
 def test_plan_emits_one_batched_request_per_marked_tile(built):
     out, _, reports = built
     per_mark = requests_of(out / "per_mark" / "plan" / "requests" / "instance")
-    batched = requests_of(out / "batched" / "plan" / "requests" / "instance")
-    assert {r.kind for r in per_mark} == {"instance"} and {r.kind for r in batched} == {
-        "instance_batch"}
+    planned = requests_of(out / "batched" / "plan" / "requests" / "instance")
+    batched = [r for r in planned if r.kind == "instance_batch"]
+    assert {r.kind for r in per_mark} == {"instance"}
+    assert {r.kind for r in planned} == {"instance", "instance_batch"}
+    # the batched plan also holds the per-mark requests, the same as the per-mark plan's
+    assert [r for r in planned if r.kind == "instance"] == per_mark
+    assert all(r.bundles is None for r in per_mark)
     assert len({r.tile_id for r in per_mark}) == len(batched) < len(per_mark)
     assert sorted(i for r in batched for i in r.object_ids) == sorted(
         r.object_ids[0] for r in per_mark)
@@ -100,18 +115,27 @@ def test_plan_emits_one_batched_request_per_marked_tile(built):
     calls = reports["batched"]["calls_per_tile"]
     assert calls["batched_marks"] < calls["per_mark"]
     assert reports["batched"]["batched_marks"] and not reports["per_mark"]["batched_marks"]
+    # the report counts requests asked: a batch, not the per-mark requests it bundles
     assert reports["batched"]["requests"]["instance"] == len(batched)
-    # split back, a batched request asks exactly the per-mark questions
-    tiles = {t.tile_id: t for s in list_shards(out / "tiles") for t in read_records(s, Tile)}
-    plans = {p.tile_id: p for s in list_shards(out / "batched" / "plan" / "tiles")
-             for p in read_records(s, TilePlan)}
-    again = [q for r in batched for q in mark_requests(tiles[r.tile_id], plans[r.tile_id], "v1")]
-    assert sorted(q.request_id for q in again) == sorted(r.request_id for r in per_mark)
+    # a batched request lists the per-mark requests it asks, by mark number
+    by_id = {r.request_id: r for r in per_mark}
+    for r in batched:
+        bundled = [by_id[i] for i in r.bundles]
+        assert [q.object_ids[0] for q in bundled] == r.object_ids
+        assert [q.mark_number for q in bundled] == list(range(1, len(r.object_ids) + 1))
+        assert {q.tile_id for q in bundled} == {r.tile_id}
+    assert sorted(i for r in batched for i in r.bundles) == sorted(by_id)
 
 
-def test_batched_mode_makes_fewer_calls_per_patch_and_grounds_the_same_objects(built):
-    sync_server, sync_report, sync_compose, sync_records = answer_instances(built, "per_mark")
-    batch_server, batch_report, batch_compose, batch_records = answer_instances(built, "batched")
+@pytest.fixture(scope="module")
+def openai_runs(built):
+    """The instance pass of both modes answered by the openai backend, and composed."""
+    return {mode: answer_instances(built, mode) for mode in ("per_mark", "batched")}
+
+
+def test_batched_mode_makes_fewer_calls_per_patch_and_grounds_the_same_objects(openai_runs):
+    sync_server, sync_report, sync_compose, sync_records = openai_runs["per_mark"]
+    batch_server, batch_report, batch_compose, batch_records = openai_runs["batched"]
     tiles = sync_report["tiles"]
     assert tiles == batch_report["tiles"] > 0
     # calls per patch, from the server's own counter and from the annotate report
@@ -198,3 +222,122 @@ def test_batched_answer_cleaning():
         {"mark": 1, "description": "A red ship moored."},
         {"mark": 2, "description": "I cannot see that object."}]), request, limits)
     assert mixed.ok and [d["mark"] for d in json.loads(mixed.text)] == [1]
+
+
+def test_annotate_stores_one_instance_response_per_mark_in_both_modes(built, openai_runs):
+    """Compose reads one format: per-mark instance responses keyed by the per-mark request ids,
+    whether the marks were asked one by one or in one call; a call's cost is stored once."""
+    out, _, _ = built
+    stored = {mode: responses_of(out / f"{mode}-openai" / "responses" / "instance")
+              for mode in openai_runs}
+    per_mark = requests_of(out / "per_mark" / "plan" / "requests" / "instance")
+    batches = [r for r in requests_of(out / "batched" / "plan" / "requests" / "instance")
+               if r.kind == "instance_batch"]
+    for mode, responses in stored.items():
+        assert [r.request_id for r in responses] == [q.request_id for q in per_mark], mode
+        assert {(r.kind, r.status) for r in responses} == {("instance", "ok")}, mode
+    assert all(r.batch_id is None for r in stored["per_mark"])
+    by_id = {r.request_id: r for r in stored["batched"]}
+    for batch in batches:
+        marks = [by_id[i] for i in batch.bundles]
+        assert {r.batch_id for r in marks} == {batch.request_id}
+        # the call's usage, cost and attempts on its first mark only
+        assert marks[0].usage.prompt_tokens > 0 and marks[0].cost_usd > 0
+        assert marks[0].attempts == 1
+        assert all(r.usage.prompt_tokens == r.usage.completion_tokens == r.attempts == 0
+                   and r.cost_usd == 0.0 for r in marks[1:])
+    # the report counts the calls asked and sums what was paid, as before the split
+    report = openai_runs["batched"][1]
+    assert report["requests"] == report["ok"] == len(batches)
+    assert report["cost_usd"] == round(sum(r.cost_usd for r in stored["batched"]), 6) > 0
+    assert report["tokens"]["prompt"] == sum(r.usage.prompt_tokens for r in stored["batched"])
+    # compose never reads the plan's batch requests nor imports the plan stage
+    code = ("import sys, pipeline.stages.compose.stage; "
+            "assert 'pipeline.stages.plan' not in sys.modules, 'compose imports plan'")
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                          cwd=Path(__file__).resolve().parents[1])
+    assert done.returncode == 0, done.stderr
+
+
+def test_a_batch_answer_that_omits_a_mark_fails_that_mark_only(built, monkeypatch):
+    monkeypatch.setenv(KEY_ENV, "sk-test-marks")
+    out, _, _ = built
+
+    def answer(prompt: str, call: int) -> str:  # every answer leaves out the last of 2+ marks
+        full = json.loads(default_answer(prompt))
+        if "marks" in full and len(full["marks"]) >= 2:
+            full["marks"] = full["marks"][:-1]
+        return json.dumps(full)
+
+    _, report, composed, batch_records = answer_instances(built, "batched", answer=answer,
+                                                          name="omitted")
+    _, _, _, sync_records = answer_instances(built, "per_mark", name="omitted-per-mark")
+    stored = {r.request_id: r for r in responses_of(out / "omitted" / "responses" / "instance")}
+    batches = [r for r in requests_of(out / "batched" / "plan" / "requests" / "instance")
+               if r.kind == "instance_batch"]
+    left_out = {b.bundles[-1] for b in batches if len(b.bundles) >= 2}
+    assert left_out
+    for batch in batches:
+        for n, rid in enumerate(batch.bundles, 1):
+            r = stored[rid]
+            if rid in left_out:
+                assert r.status == "failed" and r.text == ""
+                assert r.error == f"the batched-marks answer does not describe mark {n}"
+            else:
+                assert r.status == "ok" and r.text
+    # the calls themselves were answered (partial answers are kept): nothing failed to report
+    assert report["failed"] == 0 and report["ok"] == len(batches)
+    # compose leaves out exactly those marks and grounds every other object
+    assert composed["phrases_skipped"] == {"failed_response": len(left_out)}
+    missing = {(b.tile_id, b.object_ids[-1]) for b in batches if b.bundles[-1] in left_out}
+    assert set(batch_records) == set(sync_records)
+    for tile_id, record in sync_records.items():
+        def grounded(r):
+            return {(p.kind, tuple(p.object_ids)) for p in r.phrases}
+        expected = {(kind, ids) for kind, ids in grounded(record)
+                    if not (kind == "instance" and (tile_id, ids[0]) in missing)}
+        assert grounded(batch_records[tile_id]) == expected
+
+
+def test_split_batch_answer_and_older_shards():
+    marks = [Request(request_id=f"m{n}", tile_id="t", kind="instance", prompt=f"p{n}",
+                     prompt_version="v1", image_sha256="s", object_ids=[n], mark_number=n)
+             for n in (1, 2, 3)]
+    batch = Request(request_id="b", tile_id="t", kind="instance_batch", prompt="p",
+                    prompt_version="v1", image_sha256="s", object_ids=[1, 2, 3],
+                    bundles=["m1", "m2", "m3"])
+    failed = Response(request_id="b", tile_id="t", kind="instance_batch", status="failed",
+                      error="HTTP 500", backend="openai", model="m", prompt_version="v1",
+                      usage=Usage(prompt_tokens=7), cost_usd=0.5, attempts=3, cached=True)
+    parts = split_batch_answer(batch, marks, failed)
+    assert [(r.request_id, r.kind, r.status, r.error, r.batch_id) for r in parts] == [
+        (f"m{n}", "instance", "failed", "HTTP 500", "b") for n in (1, 2, 3)]
+    assert [(r.usage.prompt_tokens, r.cost_usd, r.attempts) for r in parts] == [
+        (7, 0.5, 3), (0, 0, 0), (0, 0, 0)] and all(r.cached for r in parts)
+    junk = failed.model_copy(update={"status": "ok", "error": None, "text": "not json"})
+    assert {r.error for r in split_batch_answer(batch, marks, junk)} == {
+        "the batched-marks answer is not a list of marks and descriptions"}
+    ok = junk.model_copy(update={"text": json.dumps([{"mark": 2, "description": "A ship."}])})
+    stored = per_mark_responses([*marks, batch], [ok])
+    assert [(r.request_id, r.status, r.text) for r in stored] == [
+        ("m1", "failed", ""), ("m2", "ok", "A ship."), ("m3", "failed", "")]
+    # a batch of an older plan, which did not list its per-mark requests, is refused
+    with pytest.raises(BadShardError, match="re-run plan"):
+        per_mark_responses([batch.model_copy(update={"bundles": None})], [ok])
+
+
+def test_shards_without_the_new_columns_still_read(tmp_path):
+    """Response.batch_id and Request.bundles are optional: older shards read as None."""
+    response = Response(request_id="r", tile_id="t", kind="instance", status="ok", text="A.",
+                        backend="b", model="m", prompt_version="v1")
+    request = Request(request_id="r", tile_id="t", kind="instance", prompt="p",
+                      prompt_version="v1", image_sha256="s", object_ids=[1])
+    for record, column in ((response, "batch_id"), (request, "bundles")):
+        path = write_records(tmp_path / f"{column}.parquet", [record], type(record))
+        table = pq.read_table(path)
+        older = table.drop_columns([column]).replace_schema_metadata(
+            arrow_schema(type(record)).metadata)
+        pq.write_table(older, path)
+        assert column not in pq.read_schema(path).names
+        (back,) = read_records(path, type(record))
+        assert back == record and getattr(back, column) is None

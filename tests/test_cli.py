@@ -11,7 +11,7 @@ from pathlib import Path
 import pytest
 
 SUBCOMMANDS = ["prepare", "plan", "annotate-holistic", "annotate-instances",
-               "annotate-clusters", "compose", "export", "build", "summary"]
+               "annotate-clusters", "compose", "export", "build", "summary", "estimate"]
 
 
 def _cli(args: list[str], cwd: Path, env: dict) -> subprocess.CompletedProcess:
@@ -118,3 +118,16 @@ def test_annotate_with_sam_but_no_checkpoint_is_one_line(tmp_path, isaid_root, v
                  str(tmp_path / "ann"), "--masks", "sam"], tmp_path, venv_env)
     _assert_one_line_error(proc, "sam_vit_h.pth")
     assert not (tmp_path / "ann" / "export").exists()
+
+
+def test_version_is_printed_and_nothing_else_runs(tmp_path, venv_env):
+    from pipeline import __version__
+
+    proc = _cli(["--version"], tmp_path, venv_env)
+    assert proc.returncode == 0, proc.stderr
+    assert proc.stdout == f"geopixeld {__version__}\n"
+    # eager: it wins over a subcommand and its arguments
+    proc = _cli(["--version", "prepare", "--out", "x"], tmp_path, venv_env)
+    assert proc.returncode == 0 and proc.stdout.startswith("geopixeld ")
+    assert not (tmp_path / "x").exists()
+    assert "--version" in _cli(["--help"], tmp_path, venv_env).stdout

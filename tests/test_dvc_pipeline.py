@@ -64,7 +64,16 @@ def test_dvc_repro_fresh_clone_then_noop_then_partial(checkout, venv_env):
     second = _run(["dvc", "repro"], checkout, venv_env)
     assert _ran(second) == set()
 
+    # run settings (throughput, retries, endpoint, cache, failure thresholds) re-run nothing
     params = yaml.safe_load((checkout / "params.yaml").read_text())
+    openai = params["annotate"]["backend"]["openai"]
+    openai.update(concurrency=openai["concurrency"] + 5, timeout_s=12.5, http_client="httpx")
+    openai["batch"]["poll_interval_s"] = 7.0
+    params["annotate"]["cache"]["path"] = ".cache/elsewhere.sqlite"
+    params["annotate"]["max_failed_share"] = 0.25
+    (checkout / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
+    assert _ran(_run(["dvc", "repro"], checkout, venv_env)) == set()
+
     params["plan"]["max_marks_per_tile"] = params["plan"]["max_marks_per_tile"] - 1
     (checkout / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
     third = _run(["dvc", "repro"], checkout, venv_env)

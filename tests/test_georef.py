@@ -1,13 +1,17 @@
 """Georeferenced outputs: GeoTIFF scenes made here (rasterio, CRS + transform) with GeoJSON
-labels go through `run_annotate_imagery`; every exported phrase polygon must land on the map
-coordinates of the label it grounds, in the GeoJSON per split and in the GeoParquet
-`geometry` column; a scene in another CRS is reprojected into the file's CRS."""
+labels go through `run_annotate_imagery`; every exported phrase MultiPolygon must land on the
+map coordinates of the label it grounds, read back with geopandas: in the RFC 7946 GeoJSON
+(WGS 84, the default) and the per-phrase GeoParquet, in the scene-CRS files
+(`imagery.output_crs: scene`), and in the Parquet shards' `geometry` column; a scene in another
+CRS is reprojected into the file's CRS."""
 
 from __future__ import annotations
 
 import json
+import shutil
 from pathlib import Path
 
+import geopandas as gpd
 import numpy as np
 import pyarrow.parquet as pq
 import pyproj
@@ -19,7 +23,7 @@ from shapely.geometry import shape
 
 from pipeline.core.params import parse_params
 from pipeline.core.shards import list_shards
-from pipeline.sources.georef import mask_geometry
+from pipeline.sources.georef import WGS84, mask_geometry, run_georef
 from pipeline.stages.new_imagery import run_annotate_imagery
 
 UTM, MERCATOR = "EPSG:32633", "EPSG:3857"
@@ -91,65 +95,117 @@ def exported(tmp_path_factory):
     return root / "out", summary, merc_transform
 
 
-def features_by_object(out: Path) -> tuple[dict, dict]:
-    fc = json.loads((out / "export" / "geojson" / "train.geojson").read_text())
+@pytest.fixture(scope="module")
+def scene_export(exported, tmp_path_factory):
+    """The same export with `imagery.output_crs: scene` (run_georef again on a copy)."""
+    out, _, _ = exported
+    export = tmp_path_factory.mktemp("scene") / "export"
+    shutil.copytree(out / "export", export)
+    params = parse_params({"imagery": {"polygon_tolerance_px": 0.5, "output_crs": "scene"}})
+    report = run_georef(params, out / "tiles", export)
+    return export, report
+
+
+def features_by_object(export: Path) -> tuple[dict, dict]:
+    fc = json.loads((export / "geojson" / "train.geojson").read_text())
     return fc, {f["properties"]["object_ids"][0]: f for f in fc["features"]}
 
 
-def test_exported_polygons_land_at_the_labels_map_coordinates(exported):
+def to_utm(geom):
+    return gpd.GeoSeries([geom], crs=WGS84).to_crs(UTM).iloc[0]
+
+
+def test_geojson_is_rfc7946_wgs84_multipolygons_by_default(exported):
     out, summary, _ = exported
     assert summary["georeferenced"] and summary["geojson"] == {"train": "geojson/train.geojson"}
     assert summary["objects"] == 8 and summary["phrases"] == 8
-    fc, by_object = features_by_object(out)
+    fc, by_object = features_by_object(out / "export")
+    assert "crs" not in fc  # RFC 7946: WGS 84 lon/lat, no crs member
+    frame = gpd.read_file(out / "export" / "geojson" / "train.geojson")
+    assert frame.crs.to_epsg() == 4326 and len(frame) == 8
+    assert set(frame.geom_type) == {"MultiPolygon"}
+    assert {"record_id", "tile_id", "seg_index", "phrase", "kind", "category"} <= set(frame.columns)
+    for i, square in SQUARES.items():
+        geom = shape(by_object[i]["geometry"])
+        assert geom.geom_type == "MultiPolygon"
+        lon, lat = geom.centroid.x, geom.centroid.y
+        assert 14.9 < lon < 15.1 and 37.9 < lat < 38.0  # UTM 33N, 4200 km north: Sicily
+        # back in metres: the label's square, to the centimetre RFC 7946's 7 decimals keep
+        assert to_utm(geom).bounds == pytest.approx(map_box(UTM_TRANSFORM, *square), abs=0.02)
+        assert by_object[i]["properties"]["category"] == "building"
+        assert by_object[i]["id"] == f"{by_object[i]['properties']['record_id']}:" \
+            f"{by_object[i]['properties']['seg_index']}"
+        # RFC 7946: exterior rings counter-clockwise
+        assert shapely.is_ccw(geom.geoms[0].exterior)
+
+
+def test_scene_crs_geojson_is_an_option_and_pixel_exact(scene_export):
+    export, report = scene_export
+    assert report["output_crs"] == "scene"
+    fc, by_object = features_by_object(export)
     assert fc["crs"]["properties"]["name"] == "urn:ogc:def:crs:EPSG::32633"
+    assert gpd.read_file(export / "geojson" / "train.geojson").crs == pyproj.CRS(UTM)
     for i, square in SQUARES.items():
         geom = shape(by_object[i]["geometry"])
         # pixel-exact: the label's square in metres, not a pixel more or less
         assert geom.bounds == pytest.approx(map_box(UTM_TRANSFORM, *square), abs=1e-6)
         assert geom.area == pytest.approx((square[2] - square[0]) * (square[3] - square[1])
                                           * PIXEL ** 2)
-        assert by_object[i]["properties"]["category"] == "building"
-        # RFC 7946: exterior rings counter-clockwise
         assert shapely.is_ccw(geom.geoms[0].exterior)
 
 
-def test_scene_in_another_crs_is_reprojected_into_the_files_crs(exported):
+def test_scene_in_another_crs_is_reprojected_into_the_files_crs(exported, scene_export):
     out, _, merc_transform = exported
-    _, by_object = features_by_object(out)
-    to_utm = pyproj.Transformer.from_crs(MERCATOR, UTM, always_xy=True)
+    to_utm_ = pyproj.Transformer.from_crs(MERCATOR, UTM, always_xy=True)
+    _, in_wgs84 = features_by_object(out / "export")
+    _, in_utm = features_by_object(scene_export[0])
     for i, (c0, r0, c1, r1) in SQUARES.items():
-        corners = [to_utm.transform(*(merc_transform @ (c, r)))
+        corners = [to_utm_.transform(*(merc_transform @ (c, r)))
                    for c, r in ((c0, r0), (c1, r0), (c1, r1), (c0, r1))]
         expected = shapely.Polygon(corners)
-        geom = shape(by_object[100 + i]["geometry"])
-        assert geom.symmetric_difference(expected).area < 0.02 * expected.area
+        for geom in (shape(in_utm[100 + i]["geometry"]),
+                     to_utm(shape(in_wgs84[100 + i]["geometry"]))):
+            assert geom.symmetric_difference(expected).area < 0.02 * expected.area
 
 
-def test_geoparquet_geometry_column_and_metadata(exported):
+def test_geoparquet_has_one_multipolygon_row_per_phrase(exported, scene_export):
+    out, _, _ = exported
+    for export, crs in ((out / "export", pyproj.CRS(WGS84)), (scene_export[0], pyproj.CRS(UTM))):
+        phrases = gpd.read_parquet(export / "geoparquet" / "train.parquet")
+        assert phrases.crs == crs and len(phrases) == 8
+        assert set(phrases.geom_type) == {"MultiPolygon"}
+        features = gpd.read_file(export / "geojson" / "train.geojson")
+        assert sorted(zip(phrases.record_id, phrases.seg_index)) == \
+            sorted(zip(features.record_id, features.seg_index))
+        geo = json.loads(pq.read_schema(export / "geoparquet" / "train.parquet").metadata[b"geo"])
+        assert geo["primary_column"] == "geometry"
+        assert geo["columns"]["geometry"]["geometry_types"] == ["MultiPolygon"]
+
+
+def test_parquet_shards_geometry_column_and_metadata(exported):
     out, summary, _ = exported
     shards = list_shards(out / "export" / "parquet")
     assert shards
+    phrases = gpd.read_parquet(out / "export" / "geoparquet" / "train.parquet")
     for path in shards:
         table = pq.read_table(path)
         geo = json.loads(table.schema.metadata[b"geo"])
         assert geo["version"] == "1.0.0" and geo["primary_column"] == "geometry"
         column = geo["columns"]["geometry"]
-        assert column["encoding"] == "WKB"
-        assert pyproj.CRS.from_json_dict(column["crs"]) == pyproj.CRS(UTM)
+        assert column["encoding"] == "WKB" and column["geometry_types"] == ["MultiPolygon"]
+        assert pyproj.CRS.from_json_dict(column["crs"]) == pyproj.CRS(WGS84)
         hf = json.loads(table.schema.metadata[b"huggingface"])["info"]["features"]
         assert list(hf) == table.column_names  # `datasets` features follow the columns
-        for row in table.select(["tile_id", "masks", "geometry"]).to_pylist():
-            collection = shapely.from_wkb(row["geometry"])
-            assert len(collection.geoms) == len(row["masks"])  # i-th member = i-th [SEG]
-            minx, miny, maxx, maxy = column["bbox"]
-            x0, y0, x1, y1 = collection.bounds
+        records = gpd.read_parquet(path, columns=["record_id", "masks", "geometry"])
+        assert records.crs == pyproj.CRS(WGS84) and set(records.geom_type) == {"MultiPolygon"}
+        minx, miny, maxx, maxy = column["bbox"]
+        for record in records.itertuples():
+            # a record's geometry: all its phrases, one MultiPolygon
+            own = phrases[phrases.record_id == record.record_id]
+            assert len(own) == len(record.masks)
+            assert record.geometry.symmetric_difference(own.union_all()).area < 1e-14
+            x0, y0, x1, y1 = record.geometry.bounds
             assert minx <= x0 and miny <= y0 and x1 <= maxx and y1 <= maxy
-    rows = {r["tile_id"]: r for p in shards for r in pq.read_table(
-        p, columns=["tile_id", "object_ids", "geometry"]).to_pylist()}
-    row = rows["A_0_256_0_256"]
-    assert row["object_ids"] == [[1]]
-    assert shapely.from_wkb(row["geometry"]).geoms[0].bounds == pytest.approx(
-        map_box(UTM_TRANSFORM, *SQUARES[1]))
 
 
 def test_mask_geometry_keeps_holes_and_follows_a_rotated_transform():
@@ -180,4 +236,4 @@ def test_geoparquet_shards_still_load_with_datasets(exported, tmp_path):
     assert len(ds) == 8
     row = ds[0]
     assert row["image"].size == (256, 256)
-    assert shapely.from_wkb(row["geometry"]).geom_type == "GeometryCollection"
+    assert shapely.from_wkb(row["geometry"]).geom_type == "MultiPolygon"

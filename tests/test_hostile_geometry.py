@@ -264,15 +264,25 @@ COCO_CLI = ["coordinate beyond 2**53", "NaN token", "Infinity token", "strings a
             "category name a number", "category name an object", "category name a list",
             "annotation id 2**70", "zigzag outline", "nested 100,000 deep",
             "lone surrogate in a name", "not UTF-8"]
+# in the default run, one CLI case per kind of check (number range, JSON token, RLE, category
+# type, nesting, encoding, outline size); the others are marked slow: their refusal is the same
+# path through the CLI, and every case runs in-process in the default run
+COCO_CLI_SLOW = {"Infinity token", "strings as coordinates", "odd-length ring",
+                 "empty segmentation", "bbox with NaN", "category name an object",
+                 "category name a list", "annotation id 2**70", "lone surrogate in a name"}
 
 
-@pytest.mark.parametrize("case", COCO_CLI)
+@pytest.mark.parametrize("case", [pytest.param(c, marks=pytest.mark.slow) if c in COCO_CLI_SLOW
+                                  else c for c in COCO_CLI])
 def test_hostile_coco_is_refused_in_one_line(ws, case):
     content, needle = COCO_REFUSED[case]
     refused_bounded(annotate_coco(ws, content), ws, "coco.json", needle)
 
 
-@pytest.mark.parametrize("case", list(COCO_REFUSED))
+# "a million polygons" takes ~25 s (a 30 MB json read through the guarded reader): slow; the
+# default run keeps the other size limits (zigzag outline, megabyte RLE string, 100,000 deep)
+@pytest.mark.parametrize("case", [pytest.param(c, marks=pytest.mark.slow)
+                                  if c == "a million polygons" else c for c in COCO_REFUSED])
 def test_every_hostile_coco_is_one_bad_annotation_in_process(tmp_path, case):
     from pipeline.core.errors import BadAnnotationError
     from pipeline.sources.coco_source import read_coco
@@ -335,9 +345,12 @@ def geojson_args(ws: Path, case: str) -> list[str]:
 
 GEOJSON_CLI = ["NaN coordinates", "coordinate beyond 2**53", "feature id 2**70",
                "unsupported geometry type", "category an object"]
+# slow: the same refusal path through the CLI as the two kept; all run in-process below
+GEOJSON_CLI_SLOW = {"coordinate beyond 2**53", "feature id 2**70", "category an object"}
 
 
-@pytest.mark.parametrize("case", GEOJSON_CLI)
+@pytest.mark.parametrize("case", [pytest.param(c, marks=pytest.mark.slow)
+                                  if c in GEOJSON_CLI_SLOW else c for c in GEOJSON_CLI])
 def test_hostile_geojson_is_refused_in_one_line(ws, case):
     refused_bounded(geojson_args(ws, case), ws, "labels.geojson", GEOJSON_REFUSED[case][2])
 
@@ -400,6 +413,8 @@ DOTA_REFUSED = [
 ]
 
 
+@pytest.mark.slow  # ~20 s (torch + tiny SAM); the DOTA CLI refusal stays in the default run
+# (not UTF-8, below) and every garbage line runs in-process
 def test_dota_garbage_line_is_refused_in_one_line(dota_ws):
     write(dota_ws / "labels" / "scene.txt", "10 10 50 x 50 30 10 30 ship 0\n")
     refused_bounded(["annotate", "scene.png", "--out", "out", "--masks", "dota", "labels"],

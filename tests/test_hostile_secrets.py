@@ -42,8 +42,8 @@ def openai_params(ws: Path, base_url: str, name: str = "openai.yaml", **sections
     raw["annotate"]["backend"].update(name="openai", model="gpt-4o-mini")
     raw["annotate"]["backend"]["openai"].update(
         base_url=base_url, api_key_env=KEY_ENV, timeout_s=2.0, max_attempts=2,
-        backoff_base_s=0.01, backoff_max_s=0.02, retry_after_max_s=0.1, concurrency=8,
-        clean_retries=1)
+        backoff_base_s=0.01, backoff_max_s=0.02, retry_after_max_s=0.1, concurrency=8)
+    raw["annotate"]["backend"]["clean_retries"] = 1
     raw["annotate"]["backend"]["openai"]["batch"].update(
         poll_interval_s=0.01, poll_max_interval_s=0.02, max_wait_s=30)
     merge(raw, copy.deepcopy(sections))

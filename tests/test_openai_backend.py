@@ -16,7 +16,14 @@ from loopback_openai import FAULTS, LoopbackOpenAI
 import prompts
 from annotators.base import AnnotationContext
 from annotators.cache import ResponseCache
-from annotators.openai_backend import OpenAIBackend, retry_after_seconds
+from annotators.openai_backend import (
+    DEFAULT_BASE_URL,
+    Endpoint,
+    OpenAIBackend,
+    endpoint_url,
+    resolve_endpoint,
+)
+from annotators.retry import retry_after_seconds
 from pipeline.core.errors import BadParamsError
 from pipeline.core.imaging import encode_png, sha256
 from pipeline.core.params import BackendParams, ModelPrice, OpenAIParams
@@ -55,12 +62,14 @@ def instance_requests(images: dict[str, bytes], n: int) -> list[Request]:
             for i in range(n)]
 
 
-def backend_params(server: LoopbackOpenAI, **openai: object) -> BackendParams:
+def backend_params(server: LoopbackOpenAI, backend: dict | None = None,
+                   **openai: object) -> BackendParams:
     settings = dict(base_url=server.base_url, api_key_env=KEY_ENV, timeout_s=0.3,
                     backoff_base_s=0.01, backoff_max_s=0.05, max_attempts=10, concurrency=16,
                     prices={"gpt-4o-mini": PRICE})
     settings.update(openai)
-    return BackendParams(name="openai", model="gpt-4o-mini", openai=OpenAIParams(**settings))
+    return BackendParams(name="openai", model="gpt-4o-mini", openai=OpenAIParams(**settings),
+                         **(backend or {}))
 
 
 def run(params: BackendParams, requests, images,
@@ -211,7 +220,7 @@ def test_malformed_model_output_is_reasked_and_never_reaches_a_response(api_key,
             "A white car parked beside the road."
 
     with LoopbackOpenAI(answer=answer, api_key=api_key) as server:
-        responses, backend = run(backend_params(server, clean_retries=2), requests, images)
+        responses, backend = run(backend_params(server, {"clean_retries": 2}), requests, images)
     good, bad = responses[:2], responses[2]
     assert [r.text for r in good] == ["A white car parked beside the road."] * 2
     assert all(r.status == "ok" and r.attempts == 2 for r in good)
@@ -264,3 +273,45 @@ def test_unreachable_server_or_missing_image_fails_with_reason(api_key, images):
     assert responses[3].status == "failed" and responses[3].error.startswith("image: ")
     assert responses[3].attempts == 0
     assert backend.stats.failed == 4
+
+
+def test_server_url_from_params_then_openai_base_url_then_default(api_key, images, monkeypatch):
+    requests = instance_requests(images, 2)
+    with LoopbackOpenAI(api_key=api_key) as server:
+        monkeypatch.setenv("OPENAI_BASE_URL", server.base_url)
+        responses, backend = run(backend_params(server, base_url=""), requests, images)
+        assert all(r.status == "ok" for r in responses) and server.counters.requests == 2
+        assert backend.stats.as_dict()["endpoint"] == {"url": server.base_url,
+                                                       "source": "OPENAI_BASE_URL"}
+        monkeypatch.setenv("OPENAI_BASE_URL", "http://127.0.0.1:9/v1")  # nothing listens
+        responses, backend = run(backend_params(server), requests, images)
+        assert all(r.status == "ok" for r in responses)
+        assert backend.stats.as_dict()["endpoint"] == {"url": server.base_url, "source": "params"}
+    assert resolve_endpoint(OpenAIParams(), environ={}) == Endpoint(DEFAULT_BASE_URL, "default")
+    # what a report shows of a server: no credentials, no query
+    assert endpoint_url("https://user:pw@llm.example:8443/v1?api-key=x#f") == \
+        "https://llm.example:8443/v1"
+    with pytest.raises(BadParamsError) as bad:
+        resolve_endpoint(OpenAIParams(), environ={"OPENAI_BASE_URL": "ftp://u:hunter2-pw@h/v1"})
+    line = bad.value.one_line()
+    assert "OPENAI_BASE_URL" in line and "hunter2" not in line
+
+
+def test_token_limit_field_for_servers_that_refuse_max_tokens(api_key, images, tmp_path):
+    requests = instance_requests(images, 3)
+    cache = ResponseCache(tmp_path / "responses.sqlite")
+    with LoopbackOpenAI(api_key=api_key, token_field="max_completion_tokens") as server:
+        with pytest.raises(BadParamsError) as refused:  # every request would fail: one line
+            run(backend_params(server), requests, images)
+        assert "HTTP 400" in refused.value.one_line()
+        assert "token_limit_field" in refused.value.one_line()
+        server.reset_counters()
+        params = backend_params(server, token_limit_field="max_completion_tokens")
+        responses, _ = run(params, requests, images, cache)
+        assert all(r.status == "ok" for r in responses)
+        assert all(s["max_completion_tokens"] == 128 and s["max_tokens"] is None
+                   for s in server.counters.seen)
+    # the field an answer was asked with is not part of its cache key
+    with LoopbackOpenAI(api_key=api_key, token_field="max_tokens") as server:
+        again, _ = run(backend_params(server), requests, images, cache)
+    assert server.counters.requests == 0 and all(r.cached for r in again)

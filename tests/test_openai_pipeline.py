@@ -24,7 +24,7 @@ def _params(tmp_path: Path, base_url: str, isaid_root: Path) -> Path:
     raw["data"]["splits"] = ["val"]
     backend = raw["annotate"]["backend"]
     backend.update(name="openai", model="gpt-4o-mini")
-    backend["openai"].update(base_url=base_url, api_key_env="GEOPIXELD_TEST_KEY", timeout_s=0.5,
+    backend["openai"].update(base_url=base_url, api_key_env="GEOPIXELD_TEST_KEY", timeout_s=2.0,
                              backoff_base_s=0.01, backoff_max_s=0.05, max_attempts=8,
                              concurrency=8)
     raw["annotate"]["cache"]["path"] = str(tmp_path / "cache" / "responses.sqlite")
@@ -41,7 +41,9 @@ def _build(params: Path, out: Path, env: dict) -> subprocess.CompletedProcess:
 
 def test_build_with_openai_backend_faults_cache_and_no_key_leak(tmp_path, isaid_root, venv_env):
     env = dict(venv_env, GEOPIXELD_TEST_KEY=KEY)
-    with LoopbackOpenAI(fault_rate=0.2, seed=11, slow_s=0.8, api_key=KEY) as server:
+    # slow faults outlast the 2 s timeout; sound answers come in milliseconds, well under
+    # it even on a loaded machine, so none is answered twice
+    with LoopbackOpenAI(fault_rate=0.2, seed=11, slow_s=2.5, api_key=KEY) as server:
         params = _params(tmp_path, server.base_url, isaid_root)
         first = _build(params, tmp_path / "b1", env)
         assert first.returncode == 0, first.stderr
@@ -56,6 +58,9 @@ def test_build_with_openai_backend_faults_cache_and_no_key_leak(tmp_path, isaid_
         assert {r.backend for r in responses} == {"openai"}
         report = json.loads((tmp_path / "b1" / "responses" / "holistic" / "report.json").read_text())
         assert report["spent_usd"] > 0 and report["tokens"]["total"] > 0
+        # the server the run asked, and where it was set
+        assert report["backend_stats"]["endpoint"] == {"url": server.base_url,
+                                                       "source": "params"}
 
         records = [r for s in list_shards(tmp_path / "b1" / "records")
                    for r in read_records(s, GroundedRecord)]

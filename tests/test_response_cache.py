@@ -130,3 +130,22 @@ def test_params_default_path_and_disabled(tmp_path):
     assert ResponseCache.from_params(CacheParams(enabled=False)) is None
     with pytest.raises(ValueError):
         CacheParams(busy_timeout_s=0)
+
+
+def test_request_keys_of_earlier_versions_are_kept(monkeypatch):
+    """Keys of the openai backend as versions before the shared answer loop computed them (the
+    limits moved to annotate.backend, base_url and the token field are run settings): answers
+    cached by those versions stay hits."""
+    from annotators.openai_backend import OpenAIBackend
+    from pipeline.core.params import BackendParams, OpenAIParams
+    from schemas import Request
+
+    monkeypatch.setenv("GEOPIXELD_TEST_KEY_STABLE", "sk-test-stable-key")
+    backend = OpenAIBackend(BackendParams(name="openai", model="gpt-4o-mini", openai=OpenAIParams(
+        api_key_env="GEOPIXELD_TEST_KEY_STABLE", token_limit_field="max_completion_tokens")))
+    keys = {kind: backend.request_key(Request(
+        request_id="r", tile_id="t", kind=kind, prompt="Describe the plane.", prompt_version="v1",
+        image_sha256="ab" * 32, object_ids=[1])) for kind in ("instance", "instance_batch")}
+    assert keys == {
+        "instance": "21e770b1e9fec7b64c241e5592955432e08c513ba7f1238e20a8191cc76fe604",
+        "instance_batch": "225f823092c3da9472242b84c8ef5d235643c24f3ed638093e2bf9d0580f799f"}

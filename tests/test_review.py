@@ -18,18 +18,15 @@ from pipeline.core.errors import BadDecisionsError, BadRecordError
 from pipeline.core.imaging import encode_png, sha256
 from pipeline.core.params import Params
 from pipeline.core.shards import read_records, shard_name, write_records
+from pipeline.formats.review_view import caption_html, load_records, overlay, phrase_colour
 from pipeline.geometry import masks
 from pipeline.stages.export import run_export
 from pipeline.stages.review import (
     append_decisions,
-    caption_html,
     decide,
     edit_distance,
     load_decisions,
-    load_records,
-    overlay,
     pending,
-    phrase_colour,
     rename_phrase,
     review_hash,
     run_review,

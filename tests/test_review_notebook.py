@@ -20,12 +20,13 @@ from jupyter_client.kernelspec import KernelSpecManager
 from nbclient import NotebookClient
 
 from pipeline.core.params import Params
+from pipeline.formats.review_view import load_records
 from pipeline.stages.annotate import run_annotate
 from pipeline.stages.compose.stage import run_compose
 from pipeline.stages.export import run_export
 from pipeline.stages.plan import run_plan
 from pipeline.stages.prepare import run_prepare
-from pipeline.stages.review import load_decisions, load_records, review_hash, run_review
+from pipeline.stages.review import load_decisions, review_hash, run_review
 
 REPO = Path(__file__).resolve().parents[1]
 NOTEBOOK = REPO / "notebooks" / "qa.ipynb"

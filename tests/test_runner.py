@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 from test_template_backend import isaid_tile
 
-from annotators.base import local_scheduler_for
+from annotators.base import Backend, local_scheduler_for
 from pipeline.core.errors import BadMaskError
 from pipeline.core.params import Params
 from pipeline.core.runner import map_shards
@@ -68,11 +68,14 @@ def test_a_failing_shard_raises_its_own_error_after_the_others_finished(tmp_path
 
 
 def test_backend_holding_a_model_runs_in_threads():
-    class Loaded:
+    class Loaded(Backend):
         loads_model = True
 
-    class Remote:
-        pass
+        def annotate(self, requests, context):
+            return []
+
+    class Remote(Loaded):
+        loads_model = False
 
     assert local_scheduler_for(Loaded(), "processes") == "threads"
     assert local_scheduler_for(Loaded(), "synchronous") == "synchronous"

@@ -67,6 +67,7 @@ def pipeline_params(tmp: Path, model: Path, **transformers) -> Params:
         "runner": {"local_scheduler": "synchronous", "workers": 1},
         "annotate": {
             "backend": {"name": "transformers", "model": str(model), "max_tokens": MAX_TOKENS,
+                        "clean_retries": 1,
                         "transformers": {"device": "cpu", "batch_size": 8, **transformers}},
             "cache": {"path": str(tmp / "cache" / "responses.sqlite")},
             # a random-initialised model writes gibberish that cleaning refuses: counted, not fatal

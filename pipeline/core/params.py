@@ -91,10 +91,34 @@ class Section(BaseModel):
         what a message about it names."""
         return self._origin.source(key)
 
+    @classmethod
+    def is_run_setting(cls, name: str) -> bool:
+        """Whether field `name` is a run setting (see `run_setting`)."""
+        extra = cls.model_fields[name].json_schema_extra
+        return isinstance(extra, dict) and bool(extra.get(RUN_SETTING))
+
+    def generation(self) -> dict:
+        """The section's values that can change what a stage writes: run settings left out,
+        nested sections likewise (JSON types)."""
+        dumped = self.model_dump(mode="json")
+        return {name: (value.generation() if isinstance(value, Section) else dumped[name])
+                for name, value in self if not type(self).is_run_setting(name)}
+
     def digest(self) -> str:
-        """Stable hash of the section's values."""
-        blob = json.dumps(self.model_dump(mode="json"), sort_keys=True).encode()
+        """Stable hash of the section's generation settings (`generation`)."""
+        blob = json.dumps(self.generation(), sort_keys=True).encode()
         return hashlib.sha256(blob).hexdigest()[:16]
+
+
+RUN_SETTING = "run_setting"
+
+
+def run_setting(*args, **kwargs):
+    """A field that changes only how fast, where, or at what cost a stage runs (concurrency,
+    timeouts, retries, endpoints, prices, polling, cache), never what it writes. Run settings
+    are left out of `params_hash` (so of every record's provenance) and of the stages' DVC
+    params, so changing one re-runs nothing. Same arguments as pydantic's `Field`."""
+    return Field(*args, json_schema_extra={RUN_SETTING: True}, **kwargs)
 
 
 # -- value checks shared by several sections ---------------------------------------------------
@@ -305,33 +329,108 @@ class BatchParams(Section):
 
 class OpenAIParams(Section):
     """The OpenAI-compatible backend: server, key variable, concurrency, retries, image
-    encoding, prices and output cleaning limits. The key itself never appears here."""
+    encoding, prices and Batch API mode. The key itself never appears here."""
 
-    base_url: str = Field("https://api.openai.com/v1", pattern=r"^https?://",
-                          description="any OpenAI-compatible server (vLLM, SGLang, Ollama, ...)")
-    api_key_env: str = Field("OPENAI_API_KEY", pattern=r"^[A-Za-z_][A-Za-z0-9_]*$",
+    base_url: str = run_setting(
+        "", pattern=r"^(https?://.*)?$", description="any OpenAI-compatible server (vLLM, "
+        "SGLang, Ollama, ...); empty = the environment variable OPENAI_BASE_URL, else "
+        "https://api.openai.com/v1 (as the openai client itself)")
+    api_key_env: str = run_setting("OPENAI_API_KEY", pattern=r"^[A-Za-z_][A-Za-z0-9_]*$",
                              description="NAME of the environment variable holding the key")
-    concurrency: int = Field(16, ge=1, le=1024, description="requests in flight at once")
-    timeout_s: float = Field(60.0, gt=0, le=3600, description="per HTTP attempt")
-    max_attempts: int = Field(6, ge=1, le=100, description="HTTP attempts per answer")
-    backoff_base_s: float = Field(1.0, ge=0, le=600, description="full-jitter backoff base")
-    backoff_max_s: float = Field(60.0, ge=0, le=3600)
-    retry_after_max_s: float = Field(300.0, ge=0, le=86400,
+    concurrency: int = run_setting(16, ge=1, le=1024, description="requests in flight at once")
+    timeout_s: float = run_setting(60.0, gt=0, le=3600, description="per HTTP attempt")
+    max_attempts: int = run_setting(6, ge=1, le=100, description="HTTP attempts per answer")
+    backoff_base_s: float = run_setting(1.0, ge=0, le=600, description="full-jitter backoff base")
+    backoff_max_s: float = run_setting(60.0, ge=0, le=3600)
+    retry_after_max_s: float = run_setting(300.0, ge=0, le=86400,
                                      description="longest Retry-After honoured")
-    clean_retries: int = Field(2, ge=0, le=10,
-                               description="re-asks of an answer that fails output cleaning")
-    clean_retry_temperature: float = Field(
-        0.7, ge=0, le=2, description="least temperature of a re-ask (its seed is seed + k), so "
-        "that it does not repeat the refused answer")
     image_format: Literal["png", "jpeg"] = "png"
     jpeg_quality: int = Field(90, ge=1, le=100)
     image_detail: Literal["low", "high", "auto"] = "auto"
-    prices: dict[str, ModelPrice] = Field(
+    prices: dict[str, ModelPrice] = run_setting(
         default_factory=lambda: {
             "gpt-4o-mini": ModelPrice(input_per_mtok=0.15, output_per_mtok=0.60),
             "gpt-4o": ModelPrice(input_per_mtok=2.50, output_per_mtok=10.00),
             "gpt-4.1-mini": ModelPrice(input_per_mtok=0.40, output_per_mtok=1.60),
         }, description="model -> price; a model not listed costs 0 and is flagged")
+    token_limit_field: Literal["max_tokens", "max_completion_tokens"] = run_setting(
+        "max_tokens", description="the request field that carries the token limit: "
+        "max_tokens (most servers), or max_completion_tokens (newer OpenAI models, which "
+        "refuse max_tokens with HTTP 400); the limit itself is annotate.backend.max_tokens")
+    mode: Literal["sync", "batch"] = run_setting(
+        "sync", description="sync: chat completions as they come; batch: the Batch API")
+    http_client: Literal["auto", "aiohttp", "httpx"] = run_setting(
+        "auto", description="transport of the async client: aiohttp costs about a third less "
+        "CPU per call than httpx; auto = aiohttp when installed (openai[aiohttp])")
+    batch: BatchParams = run_setting(default_factory=BatchParams)
+
+    @model_validator(mode="after")
+    def _base_url_parses(self) -> "OpenAIParams":
+        if self.base_url:  # empty: OPENAI_BASE_URL or the default, checked when a run starts
+            check_server_url(self.base_url, "base_url")
+        return self
+
+
+def check_server_url(url: str, what: str) -> None:
+    """Refuse a server URL that is not http(s)://host[:port][/path], with a ValueError naming
+    `what` but never repeating the URL (it may hold credentials, user:pass@)."""
+    from urllib.parse import urlsplit
+
+    if not re.match(r"^https?://", url):
+        raise ValueError(f"{what} is not an http:// or https:// URL")
+    try:
+        parts = urlsplit(url)
+        parts.port  # noqa: B018 (raises for a port out of range)
+    except ValueError:
+        raise ValueError(f"{what} is not a valid URL") from None
+    if not parts.hostname or any(c.isspace() for c in url):
+        raise ValueError(f"{what} is not a valid URL (no host, or a space in it)")
+
+
+class CacheParams(Section):
+    """The response cache: outside build/ so that deleting build/ loses no paid answer."""
+
+    enabled: bool = True
+    path: str = ".cache/geopixeld/responses.sqlite"
+    busy_timeout_s: float = Field(30.0, gt=0, le=3600,
+                                  description="wait for another writer before giving up")
+
+
+class TransformersParams(Section):
+    """The transformers backend: a local multimodal model (Qwen2.5-VL-style) on a GPU, each
+    image's prefix computed once for all prompts on it, several patches per forward batch.
+    Output cleaning and its re-asks are annotate.backend's, as for every backend."""
+
+    model_path: str = Field("", description="local model folder or hub id "
+                            "(empty = annotate.backend.model)")
+    device: str = run_setting("auto", pattern=r"^(auto|cpu|cuda(:\d+)?)$",
+                        description="auto = cuda when available, else cpu")
+    dtype: Literal["auto", "bfloat16", "float32"] = Field(
+        "auto", description="auto = bfloat16 on a GPU, float32 on the CPU")
+    attn_implementation: Literal["sdpa", "eager", "flash_attention_2"] = run_setting("sdpa")
+    batch_size: int = run_setting(64, ge=1, le=4096, description="prompts per forward batch (the "
+                            "prompts of several patches; each image's prefix computed once)")
+    max_pixels: Optional[int] = Field(
+        None, ge=3136, description="largest image (pixels) the image processor keeps, larger "
+        "ones are downscaled (null = the processor's own setting)")
+    repetition_penalty: Optional[float] = Field(
+        None, gt=0, le=10, description="null = the model's generation config (1.0 if unset)")
+    min_new_tokens: int = Field(0, ge=0, le=8192, description="the end token is suppressed "
+                                "until this many tokens (benchmarks only; 0 in use)")
+
+
+class BackendParams(Section):
+    """Which annotator answers requests, its generation parameters, and the output cleaning
+    every model backend's answers pass (limits, re-asks)."""
+
+    name: Literal["template", "openai", "transformers"] = "template"
+    model: str = "template-v1"
+    temperature: float = Field(0.0, ge=0, le=2)
+    max_tokens: int = Field(128, ge=1, le=8192)
+    seed: int = 0
+    max_tokens_by_kind: dict[str, int] = Field(
+        default_factory=lambda: {"instance_batch": 1024, "compose": 1024},
+        description="max_tokens for these request kinds (answers longer than one pass's)")
     max_sentences: dict[str, int] = Field(
         default_factory=lambda: {"holistic": 4, "instance": 1, "cluster": 1},
         description="sentences kept per request kind (the paper's prompts ask 4, 1, 1)")
@@ -339,32 +438,16 @@ class OpenAIParams(Section):
         default_factory=lambda: {"holistic": 1000, "instance": 300, "cluster": 300},
         description="longer cleaned answers are refused")
     min_words: int = Field(3, ge=1, le=100, description="shorter cleaned answers are refused")
-    max_tokens_by_kind: dict[str, int] = Field(
-        default_factory=lambda: {"instance_batch": 1024, "compose": 1024},
-        description="max_tokens for these request kinds (answers longer than one pass's)")
-    mode: Literal["sync", "batch"] = Field(
-        "sync", description="sync: chat completions as they come; batch: the Batch API")
-    http_client: Literal["auto", "aiohttp", "httpx"] = Field(
-        "auto", description="transport of the async client: aiohttp costs about a third less "
-        "CPU per call than httpx; auto = aiohttp when installed (openai[aiohttp])")
-    batch: BatchParams = Field(default_factory=BatchParams)
+    clean_retries: int = Field(2, ge=0, le=10,
+                               description="re-asks of an answer that fails output cleaning")
+    clean_retry_temperature: float = Field(
+        0.7, gt=0, le=2, description="least temperature of a re-ask (its seed is seed + k), so "
+        "that it does not repeat the refused answer (greedy decoding would)")
+    openai: OpenAIParams = Field(default_factory=OpenAIParams)
+    transformers: TransformersParams = Field(default_factory=TransformersParams)
 
     @model_validator(mode="after")
-    def _base_url_parses(self) -> "OpenAIParams":
-        # the message never repeats the URL: it may hold credentials (user:pass@)
-        from urllib.parse import urlsplit
-
-        try:
-            parts = urlsplit(self.base_url)
-            parts.port  # noqa: B018 (raises for a port out of range)
-        except ValueError:
-            raise ValueError("base_url is not a valid URL") from None
-        if not parts.hostname or any(c.isspace() for c in self.base_url):
-            raise ValueError("base_url is not a valid URL (no host, or a space in it)")
-        return self
-
-    @model_validator(mode="after")
-    def _answers_can_pass_cleaning(self) -> "OpenAIParams":
+    def _answers_can_pass_cleaning(self) -> "BackendParams":
         # limits under which output cleaning would refuse every answer of a kind
         for kind, most in self.max_sentences.items():
             if most < 1:
@@ -382,74 +465,29 @@ class OpenAIParams(Section):
                 raise ValueError(f"max_tokens_by_kind.{kind} ({most}) must be at least 1")
         return self
 
-
-class CacheParams(Section):
-    """The response cache: outside build/ so that deleting build/ loses no paid answer."""
-
-    enabled: bool = True
-    path: str = ".cache/geopixeld/responses.sqlite"
-    busy_timeout_s: float = Field(30.0, gt=0, le=3600,
-                                  description="wait for another writer before giving up")
-
-
-class TransformersParams(Section):
-    """The transformers backend: a local multimodal model (Qwen2.5-VL-style) on a GPU, each
-    image's prefix computed once for all prompts on it, several patches per forward batch.
-    Cleaning limits are those of annotate.backend.openai (max_sentences, max_chars, min_words)."""
-
-    model_path: str = Field("", description="local model folder or hub id "
-                            "(empty = annotate.backend.model)")
-    device: str = Field("auto", pattern=r"^(auto|cpu|cuda(:\d+)?)$",
-                        description="auto = cuda when available, else cpu")
-    dtype: Literal["auto", "bfloat16", "float32"] = Field(
-        "auto", description="auto = bfloat16 on a GPU, float32 on the CPU")
-    attn_implementation: Literal["sdpa", "eager", "flash_attention_2"] = "sdpa"
-    batch_size: int = Field(64, ge=1, le=4096, description="prompts per forward batch (the "
-                            "prompts of several patches; each image's prefix computed once)")
-    max_pixels: Optional[int] = Field(
-        None, ge=3136, description="largest image (pixels) the image processor keeps, larger "
-        "ones are downscaled (null = the processor's own setting)")
-    repetition_penalty: Optional[float] = Field(
-        None, gt=0, le=10, description="null = the model's generation config (1.0 if unset)")
-    min_new_tokens: int = Field(0, ge=0, le=8192, description="the end token is suppressed "
-                                "until this many tokens (benchmarks only; 0 in use)")
-    clean_retries: int = Field(1, ge=0, le=10, description="re-asks, by sampling, of an "
-                               "answer that fails output cleaning (greedy would repeat it)")
-    clean_retry_temperature: float = Field(0.7, gt=0, le=2,
-                                           description="temperature of a re-ask (seed + k)")
-
-
-class BackendParams(Section):
-    """Which annotator answers requests, and its generation parameters."""
-
-    name: Literal["template", "openai", "transformers"] = "template"
-    model: str = "template-v1"
-    temperature: float = Field(0.0, ge=0, le=2)
-    max_tokens: int = Field(128, ge=1, le=8192)
-    seed: int = 0
-    openai: OpenAIParams = Field(default_factory=OpenAIParams)
-    transformers: TransformersParams = Field(default_factory=TransformersParams)
-
     @model_validator(mode="after")
     def _answers_fit_max_tokens(self) -> "BackendParams":
-        # a model backend's prose answers (cleaned with openai's limits) need a token per word
+        # a model backend's prose answers need a token per word
         if self.name == "template":
             return self
         for kind in ("holistic", "instance", "cluster"):
-            tokens = self.openai.max_tokens_by_kind.get(kind, self.max_tokens)
-            if tokens < self.openai.min_words:
-                where = (f"openai.max_tokens_by_kind.{kind}"
-                         if kind in self.openai.max_tokens_by_kind else "max_tokens")
-                raise ValueError(f"{where} ({tokens}) is below openai.min_words "
-                                 f"({self.openai.min_words}): every {kind} answer would be cut "
-                                 "short and refused")
+            tokens = self.max_tokens_for(kind)
+            if tokens < self.min_words:
+                where = (f"max_tokens_by_kind.{kind}" if kind in self.max_tokens_by_kind
+                         else "max_tokens")
+                raise ValueError(f"{where} ({tokens}) is below min_words ({self.min_words}): "
+                                 f"every {kind} answer would be cut short and refused")
         return self
+
+    def max_tokens_for(self, kind: str) -> int:
+        """The longest answer of a request kind: `max_tokens_by_kind`, else `max_tokens`."""
+        return self.max_tokens_by_kind.get(kind, self.max_tokens)
 
 
 class AnnotateParams(Section):
     backend: BackendParams = Field(default_factory=BackendParams)
-    cache: CacheParams = Field(default_factory=CacheParams)
-    max_failed_share: float = Field(
+    cache: CacheParams = run_setting(default_factory=CacheParams)
+    max_failed_share: float = run_setting(
         0.0, ge=0, le=1, description="share of a pass's requests that may still fail after "
         "their retries before the stage fails (exit 3; answers already paid for stay in the "
         "cache and the next run asks only the failed ones): 0 = any failure fails the stage. "
@@ -475,7 +513,7 @@ class ComposeParams(Section):
     llm_prompt_version: str = "v1"
     llm_with_image: bool = Field(False, description="send the tile's image with the compose "
                                  "prompt (false: text only, for a text-only LLM)")
-    max_dropped_share: float = Field(
+    max_dropped_share: float = run_setting(
         0.75, ge=0, le=1, description="share of the tiles with objects that may end without a "
         "record (dropped: failed answers, validation) before the stage fails (exit 2) and keeps "
         "the previous records")
@@ -571,6 +609,11 @@ class ImageryParams(Section):
         None, description="CRS of GeoJSON labels without a 'crs' member (null: WGS 84, RFC 7946)")
     polygon_tolerance_px: float = Field(
         0.5, ge=0, description="simplification of the georeferenced phrase polygons, in pixels")
+    output_crs: Literal["wgs84", "scene"] = Field(
+        "wgs84", description="CRS of the georeferenced outputs (export/geojson, "
+        "export/geoparquet, the parquet geometry column): wgs84 = WGS 84 lon/lat (EPSG:4326; "
+        "GeoJSON as RFC 7946, no crs member); scene = the CRS of each split's first "
+        "georeferenced tile (GeoJSON names it in the legacy crs member)")
 
     @model_validator(mode="after")
     def _check(self) -> "ImageryParams":
@@ -687,6 +730,11 @@ class RunnerParams(Section):
         "processes", description="local dask scheduler without a `scheduler` address: "
         "processes (default; pure-Python shard work runs side by side), threads, synchronous")
     workers: int = Field(2, ge=1, le=256)
+    model_resources: dict[str, Annotated[float, Field(gt=0)]] = Field(
+        default_factory=dict, description="dask cluster only: the worker resources a task "
+        "holding a model takes (a model backend's annotate and compose shards, finetune, "
+        "evaluate's predictions), e.g. {GPU: 1} for workers started with --resources GPU=1; "
+        "{} = any worker")
 
 
 class Params(Section):
@@ -889,8 +937,9 @@ def to_yaml(params: Section, indent: int = 0) -> str:
     lines: list[str] = []
     for name, field in type(params).model_fields.items():
         value = getattr(params, name)
-        if field.description:
-            lines.append(f"{pad}# {field.description}")
+        note = "[run setting] " if type(params).is_run_setting(name) else ""
+        if field.description or note:
+            lines.append(f"{pad}# {note}{field.description or ''}".rstrip())
         if isinstance(value, Section):
             if value.__doc__ and indent == 0:
                 lines.append(f"{pad}# {value.__doc__.strip().splitlines()[0]}")
@@ -919,7 +968,10 @@ def _plain(value: object) -> object:
 
 
 HEADER = ("# Parameters of every stage. Generated from the defaults in pipeline/core/params.py\n"
-          "# (python -m pipeline.core.params > params.yaml); each stage reads only its own section.\n")
+          "# (python -m pipeline.core.params > params.yaml); each stage reads only its own section.\n"
+          "# A [run setting] changes only speed, cost or where a stage runs, never what it writes:\n"
+          "# it is left out of every record's params_hash and of the stages' DVC params, so\n"
+          "# changing it re-runs nothing.\n")
 
 if __name__ == "__main__":
     print(HEADER + to_yaml(Params()), end="")

@@ -75,8 +75,11 @@ def _unwrap(outcomes: list[_Outcome]) -> list:
 
 def map_shards(task: Callable[[T], R], items: Sequence[T], *, label: str,
                scheduler: str | None = None, local_scheduler: str = "threads",
-               workers: int = 2) -> list[R]:
+               workers: int = 2, resources: dict | None = None) -> list[R]:
     """Run `task(item)` for every item; results in item order.
+
+    `resources` (a dask cluster only, e.g. {"GPU": 1}): what each task takes of a worker's
+    `--resources`; only workers that have them run it.
 
     Every task settles before anything is raised: a failing shard never leaves siblings still
     writing into a staging folder that the stage is about to remove. The first error (in item
@@ -88,7 +91,7 @@ def map_shards(task: Callable[[T], R], items: Sequence[T], *, label: str,
     settled = functools.partial(_settled, task)
     address = scheduler_address(scheduler)
     if address:
-        return _unwrap(_map_distributed(settled, items, address, label))
+        return _unwrap(_map_distributed(settled, items, address, label, resources))
     if local_scheduler == "processes" and workers > 1 and len(items) > 1:
         return _unwrap(_map_processes(settled, items, label, workers))
     if local_scheduler == "processes":
@@ -241,12 +244,13 @@ def check_address(address: str) -> None:
                              f"{str(exc)[:200]}") from None
 
 
-def _map_distributed(task, items, address, label):
+def _map_distributed(task, items, address, label, resources=None):
     from distributed import as_completed
 
     with connect(address) as client:
-        futures = client.map(task, items, pure=False, key=[f"{label}-{i}-{uuid.uuid4().hex[:8]}"
-                                                          for i in range(len(items))])
+        futures = client.map(task, items, pure=False, resources=resources or None,
+                             key=[f"{label}-{i}-{uuid.uuid4().hex[:8]}"
+                                  for i in range(len(items))])
         if show_progress():
             from rich.progress import Progress
             with Progress(transient=True) as progress:

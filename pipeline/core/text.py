@@ -27,12 +27,16 @@ byte-identical.
 
 Out: text a person or a program reads later is escaped where it leaves, never in the record:
 the terminal through `pipeline.core.errors.printable` (and no rich markup on user text), HTML
-through `html.escape` (`pipeline.formats.html_report`), CSV cells through `csv_cell` (`pipeline.stages.qa`
-writes every CSV file of the repository through `write_plot`).
+through autoescaped jinja2 templates (`pipeline.formats.templating`), CSV cells through
+`csv_cell` (`pipeline.stages.qa` writes every CSV file of the repository through `write_plot`).
+
+Also here: the one sentence splitter (`split_sentences`) and English words (`plural_noun`,
+`number_words`).
 """
 
 from __future__ import annotations
 
+import operator
 import re
 import unicodedata
 from typing import Optional
@@ -147,3 +151,80 @@ def csv_cell(value: object) -> object:
             and not _NUMBER_RE.fullmatch(value):
         return "'" + value
     return value
+
+
+# ---------------------------------------------------------------------------------------------
+# Sentences: the one splitter (annotator cleaning, QA's sentence counts)
+
+# Words after which a period does not end a sentence ("e.g.", "approx. 20 m"); a single letter
+# before a period ("J. Smith", "a. b.") does not end one either.
+ABBREVIATIONS = frozenset({"e.g", "i.e", "etc", "approx", "vs", "mr", "mrs", "dr", "st", "no",
+                           "ca", "fig", "m", "km", "ft", "sq"})
+_SENTENCE_END_RE = re.compile(r"[.!?]+[\"'\u201d\u2019)]*\s+")
+
+
+def split_sentences(text: str) -> list[str]:
+    """Sentences of a paragraph, stripped: a sentence ends at a run of . ! ? (closing quotes
+    and brackets kept with it) followed by whitespace or the end of the text, except a period
+    after an abbreviation (`ABBREVIATIONS`) or a single letter; so no split inside a decimal
+    number ("1.5") either. Empty pieces are dropped.
+
+    Hand-written on purpose: pysbd and syntok (pure-Python segmenters) were measured on the
+    bundled answers and the cleaning tests' generated answers: they split markdown remnants and
+    runs like "grey.. A" differently, which changed cleaned answers, and were 2.5-4x slower;
+    nltk's punkt needs a data download."""
+    sentences, start = [], 0
+    for m in _SENTENCE_END_RE.finditer(text):
+        before = text[start:m.start()].split()
+        last = before[-1].lower().rstrip(".") if before else ""
+        if text[m.start()] == "." and (last in ABBREVIATIONS or len(last) == 1 and last.isalpha()):
+            continue
+        sentences.append(text[start:m.end()].strip())
+        start = m.end()
+    if text[start:].strip():
+        sentences.append(text[start:].strip())
+    return [s for s in sentences if s]
+
+
+# ---------------------------------------------------------------------------------------------
+# English words: plurals and cardinal numbers
+#
+# Written here, not taken from inflect: inflect gives the same words for our whole vocabulary
+# (every iSAID category, every number 0 .. 999,999 with comma=""; tests/test_text_words.py
+# checks it against inflect), but importing it costs 1-6 s of CPU per process (typeguard
+# instruments its functions at import, jaraco/inflect#212), which every worker and every CLI
+# run that writes a caption would pay: on the 2-core dev machine `geopixeld build` of the
+# bundled sample took ~42 s with it, ~24 s with that import cost taken out, and
+# tests/test_hostile_text.py 76 s against 57 s.
+
+_ONES = ("zero one two three four five six seven eight nine ten eleven twelve thirteen "
+         "fourteen fifteen sixteen seventeen eighteen nineteen").split()
+_TENS = "_ _ twenty thirty forty fifty sixty seventy eighty ninety".split()
+MAX_NUMBER_WORDS = 999_999
+
+
+def plural_noun(noun: str) -> str:
+    """The plural of a singular English noun phrase: its last word + "es" after s, x, ch or
+    sh, else + "s" ('small vehicle' -> 'small vehicles', 'bus' -> 'buses'). Enough for the
+    category names captions count (no irregular plurals among them)."""
+    return noun + ("es" if noun.endswith(("s", "x", "ch", "sh")) else "s")
+
+
+def number_words(n: int) -> str:
+    """Cardinal number in English words, 0 .. 999,999: 'twenty-one', 'one hundred and five',
+    'one thousand two hundred' (British "and", no commas: inflect's
+    `number_to_words(n, comma="")`)."""
+    n = operator.index(n)  # any integer type (numpy's too); a float is a TypeError
+    if not 0 <= n <= MAX_NUMBER_WORDS:
+        raise ValueError(f"no words for {n}")
+    if n < 20:
+        return _ONES[n]
+    if n < 100:
+        tens, ones = divmod(n, 10)
+        return _TENS[tens] + (f"-{_ONES[ones]}" if ones else "")
+    if n < 1000:
+        hundreds, rest = divmod(n, 100)
+        return f"{_ONES[hundreds]} hundred" + (f" and {number_words(rest)}" if rest else "")
+    thousands, rest = divmod(n, 1000)
+    tail = "" if not rest else (" and " if rest < 100 else " ") + number_words(rest)
+    return f"{number_words(thousands)} thousand{tail}"

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from pipeline.core.text import plural_noun
+
 # Devkit category name -> colour (R, G, B) in `_instance_color_RGB.png`.
 ISAID_PALETTE: dict[str, tuple[int, int, int]] = {
     "ship": (0, 0, 63),
@@ -36,13 +38,6 @@ def colour_value(rgb: tuple[int, int, int]) -> int:
 # Scalar colour value -> devkit category name.
 ISAID_COLOUR_TO_CATEGORY: dict[int, str] = {colour_value(c): n for n, c in ISAID_PALETTE.items()}
 
-_IRREGULAR_PLURALS = {"ship": "ships", "harbor": "harbors", "bridge": "bridges",
-                      "helicopter": "helicopters", "roundabout": "roundabouts",
-                      "storage tank": "storage tanks", "swimming pool": "swimming pools",
-                      "ground track field": "ground track fields",
-                      "soccer ball field": "soccer ball fields",
-                      "baseball diamond": "baseball diamonds"}
-
 
 def readable(category: str) -> str:
     """Category prior wording: 'Small_Vehicle' -> 'small vehicle'."""
@@ -50,10 +45,6 @@ def readable(category: str) -> str:
 
 
 def plural(category: str) -> str:
-    """'small vehicle' -> 'small vehicles' (the cluster prompt speaks of groups)."""
-    name = readable(category)
-    if name in _IRREGULAR_PLURALS:
-        return _IRREGULAR_PLURALS[name]
-    if name.endswith(("s", "x", "ch", "sh")):
-        return name + "es"
-    return name + "s"
+    """'Small_Vehicle' -> 'small vehicles' (the cluster prompt speaks of groups): the plural
+    of the readable name (`pipeline.core.text.plural_noun`)."""
+    return plural_noun(readable(category))

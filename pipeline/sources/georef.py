@@ -1,27 +1,35 @@
-"""Georeferenced outputs: every grounded phrase's mask as a polygon in the scene's CRS.
+"""Georeferenced outputs: every grounded phrase's mask as a MultiPolygon on the map.
 
 A pass after export (export.py is unchanged): for the tiles that carry a CRS and an affine
 transform (GeoTIFF scenes), each phrase mask is traced along its pixel edges (rasterio), mapped
-to the CRS by the tile's transform and simplified by `imagery.polygon_tolerance_px` pixels.
+to the tile's CRS by its transform, simplified by `imagery.polygon_tolerance_px` pixels and
+reprojected (pyproj) to the output CRS, `imagery.output_crs`:
 
-    export/geojson/{split}.geojson   FeatureCollection, one Feature per phrase (record_id,
-                                     tile_id, seg_index, phrase, kind, category, object_ids)
-    export/geojson/report.json       counts
-    export/parquet/*.parquet         rewritten with a `geometry` column (WKB) and GeoParquet
-                                     1.0.0 metadata ("geo" key, crs as PROJJSON)
+  wgs84 (default)  WGS 84 longitude/latitude, EPSG:4326: the GeoJSON is RFC 7946 (no `crs`
+                   member, counter-clockwise exteriors, 7 decimals, about 1 cm)
+  scene            the CRS of each split's first georeferenced tile (projected coordinates;
+                   tiles of the split in another CRS are reprojected to it); the GeoJSON names
+                   it in the legacy `crs` member, which GDAL and QGIS read
 
-The `geometry` of a row is a GeometryCollection whose i-th member (a MultiPolygon, empty for
-an empty mask) belongs to the i-th [SEG] of the caption, like `masks[i]`; rows of tiles without
-a CRS have a null geometry. A GeoJSON file (one split) and a Parquet shard have one CRS: that
-of their first georeferenced tile; tiles in another CRS are reprojected to it (pyproj). The
-GeoJSON names its CRS in the legacy `crs` member (GDAL and QGIS read it); exterior rings are
-counter-clockwise, as RFC 7946 asks. The Parquet folder is replaced whole or not at all.
+    export/geojson/{split}.geojson        FeatureCollection, one Feature per phrase
+    export/geoparquet/{split}.parquet     GeoParquet, one row per phrase
+    export/geojson/report.json            counts
+    export/parquet/*.parquet              rewritten with a `geometry` column: per record, the
+                                          MultiPolygon of all its phrases
+
+A phrase's geometry is a MultiPolygon (empty for an empty mask); its properties are record_id,
+tile_id, split, seg_index (the i-th [SEG] of the caption, like `masks[i]`), phrase, kind,
+category and object_ids; the GeoJSON Feature id is "{record_id}:{seg_index}". Both per-phrase
+files are written by geopandas (GDAL's GeoJSON driver through pyogrio; GeoParquet 1.0.0
+metadata). Rows of the Parquet shards whose tile has no CRS have a null geometry; the shards get
+GeoParquet 1.0.0 metadata ("geo" key, the CRS as PROJJSON). The Parquet folder is replaced whole
+or not at all.
 """
 
 from __future__ import annotations
 
+import functools
 import json
-from collections import Counter
 from pathlib import Path
 from typing import Optional, Sequence
 
@@ -29,21 +37,26 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 import shapely
-from shapely.geometry import GeometryCollection, MultiPolygon, mapping, shape
+from shapely.geometry import MultiPolygon, shape
+from shapely.geometry.base import BaseGeometry
 from shapely.geometry.polygon import orient
 
-from pipeline.core.errors import BadParamsError
+from pipeline.core.errors import BadAnnotationError, BadParamsError
 from pipeline.core.params import Params
 from pipeline.core.shards import list_shards, safe_name, staged_folder, write_json, write_table
 from pipeline.geometry import masks
-from pipeline.sources.label_sources import reproject, same_crs
+from pipeline.sources.label_sources import same_crs
 from schemas import RLE
 
 GEO_VERSION = "1.0.0"
 GEOMETRY = "geometry"
+WGS84 = "EPSG:4326"
+# the GeoJSON Feature properties of a phrase, in order
+PHRASE_PROPERTIES = ("record_id", "tile_id", "split", "seg_index", "phrase", "kind", "category",
+                     "object_ids")
 
-__all__ = ["GEO_VERSION", "crs_projjson", "geo_metadata", "geojson_crs_member",
-           "mask_geometry", "run_georef", "tile_georeference"]
+__all__ = ["GEO_VERSION", "PHRASE_PROPERTIES", "WGS84", "crs_projjson", "geo_metadata",
+           "mask_geometry", "output_crs", "reproject", "run_georef", "tile_georeference"]
 
 
 def _rasterio_features():
@@ -54,6 +67,16 @@ def _rasterio_features():
         raise BadParamsError("georeferenced outputs need rasterio: pip install "
                              "'geopixeld[geo]'") from None
     return Affine, shapes
+
+
+def _geopandas():
+    try:
+        import geopandas
+        import pyproj  # noqa: F401
+    except ImportError:
+        raise BadParamsError("georeferenced outputs need geopandas and pyproj: pip install "
+                             "'geopixeld[geo]'") from None
+    return geopandas
 
 
 def mask_geometry(mask: np.ndarray, transform: Sequence[float],
@@ -73,39 +96,51 @@ def mask_geometry(mask: np.ndarray, transform: Sequence[float],
         simpler = merged.simplify(tolerance_px * pixel, preserve_topology=True)
         if not simpler.is_empty:
             merged = simpler
-    polygons = [orient(p, sign=1.0) for p in getattr(merged, "geoms", [merged])
-                if p.geom_type == "Polygon" and not p.is_empty]
-    return MultiPolygon(polygons)
+    return _multipolygon(merged)
+
+
+def _multipolygon(geom: BaseGeometry) -> MultiPolygon:
+    """The polygons of `geom` as one MultiPolygon, exteriors counter-clockwise."""
+    return MultiPolygon([orient(p, sign=1.0) for p in getattr(geom, "geoms", [geom])
+                         if p.geom_type == "Polygon" and not p.is_empty])
+
+
+@functools.lru_cache(maxsize=64)
+def _transformer(source: str, target: str):
+    import pyproj
+
+    try:
+        return pyproj.Transformer.from_crs(source, target, always_xy=True)
+    except pyproj.exceptions.CRSError as exc:
+        raise BadAnnotationError(f"cannot reproject from {source} to {target} ({exc})") from None
+
+
+def reproject(geom: MultiPolygon, source: str, target: str) -> MultiPolygon:
+    """`geom` from CRS `source` to `target` (pyproj, x = easting/longitude), exteriors kept
+    counter-clockwise."""
+    if same_crs(source, target) or geom.is_empty:
+        return geom
+    transformer = _transformer(source, target)
+    moved = shapely.transform(geom, lambda xy: np.column_stack(
+        transformer.transform(xy[:, 0], xy[:, 1])))
+    return _multipolygon(moved)
+
+
+def output_crs(setting: str, tile_crs: str) -> str:
+    """The CRS a split's outputs are written in: WGS 84 or the (first) tile's CRS."""
+    return WGS84 if setting == "wgs84" else tile_crs
 
 
 def crs_projjson(crs: str) -> dict:
-    """PROJJSON of a CRS string (pyproj, else rasterio)."""
-    try:
-        import pyproj
-        return pyproj.CRS.from_user_input(crs).to_json_dict()
-    except ImportError:
-        pass
-    try:
-        from rasterio.crs import CRS
-    except ImportError:
-        raise BadParamsError("GeoParquet metadata needs pyproj or rasterio: pip install "
-                             "'geopixeld[geo]'") from None
-    return CRS.from_user_input(crs).to_dict(projjson=True)
+    """PROJJSON of a CRS string (pyproj)."""
+    import pyproj
 
-
-def geojson_crs_member(crs: str) -> Optional[dict]:
-    """The legacy GeoJSON `crs` member for an 'EPSG:n' CRS (lon/lat EPSG:4326 -> CRS84)."""
-    if not crs.upper().startswith("EPSG:"):
-        return None
-    code = crs.split(":", 1)[1]
-    name = ("urn:ogc:def:crs:OGC:1.3:CRS84" if code == "4326"
-            else f"urn:ogc:def:crs:EPSG::{code}")
-    return {"type": "name", "properties": {"name": name}}
+    return pyproj.CRS.from_user_input(crs).to_json_dict()
 
 
 def geo_metadata(crs: str, bbox: Optional[Sequence[float]]) -> dict:
-    """GeoParquet 1.0.0 file metadata for the `geometry` column."""
-    column = {"encoding": "WKB", "geometry_types": ["GeometryCollection"],
+    """GeoParquet 1.0.0 file metadata for the `geometry` column of the record shards."""
+    column = {"encoding": "WKB", "geometry_types": ["MultiPolygon"],
               "crs": crs_projjson(crs), "edges": "planar", "orientation": "counterclockwise"}
     if bbox is not None:
         column["bbox"] = [float(v) for v in bbox]
@@ -126,52 +161,47 @@ def tile_georeference(tiles_dir: Path) -> dict[tuple[str, str], tuple[str, list[
     return found
 
 
-class _GeoJsonWriter:
-    """Streams one FeatureCollection per split (features never all held in memory)."""
+class _PhraseFiles:
+    """One split's phrases, gathered (geometries and properties, no images), then written as
+    GeoJSON and GeoParquet by geopandas."""
 
-    def __init__(self, folder: Path):
-        self.folder, self.files, self.counts, self.crs = folder, {}, Counter(), {}
+    def __init__(self, geojson_dir: Path, geoparquet_dir: Path):
+        self.geojson_dir, self.geoparquet_dir = geojson_dir, geoparquet_dir
+        self.rows: dict[str, list[dict]] = {}
+        self.geoms: dict[str, list[MultiPolygon]] = {}
+        self.crs: dict[str, str] = {}
 
-    def add(self, split: str, crs: str, feature: dict) -> None:
-        if split not in self.files:
-            path = self.folder / f".{safe_name(split, 'split')}.geojson.part"
-            self.files[split] = path.open("w", encoding="utf-8")
-            self.files[split].write('{"type": "FeatureCollection", "features": [\n')
-            self.crs[split] = crs
-        f = self.files[split]
-        if self.counts[split]:
-            f.write(",\n")
-        f.write(json.dumps(feature, separators=(",", ":"), ensure_ascii=False))
-        self.counts[split] += 1
+    def add(self, split: str, crs: str, geom: MultiPolygon, properties: dict) -> None:
+        self.crs.setdefault(split, crs)
+        self.rows.setdefault(split, []).append(properties)
+        self.geoms.setdefault(split, []).append(geom)
 
-    def close(self) -> dict:
+    def write(self) -> dict:
+        gpd = _geopandas()
         written = {}
-        for split, f in self.files.items():
-            crs = self.crs[split]
-            member = geojson_crs_member(crs)
-            tail = {"crs": member} if member else {"crs_wkt": crs}
-            f.write("\n], " + json.dumps(tail)[1:-1] + "}\n")
-            f.close()
-            # the folder is staged whole: a rename is enough
-            (self.folder / f".{split}.geojson.part").replace(self.folder / f"{split}.geojson")
-            written[split] = {"features": self.counts[split], "crs": crs,
-                              "file": f"geojson/{split}.geojson"}
+        for split, rows in self.rows.items():
+            crs, name = self.crs[split], safe_name(split, "split")
+            frame = gpd.GeoDataFrame(
+                {"id": [f"{r['record_id']}:{r['seg_index']}" for r in rows],
+                 **{key: [r[key] for r in rows] for key in PHRASE_PROPERTIES}},
+                geometry=gpd.GeoSeries(self.geoms[split], crs=crs), crs=crs)
+            # RFC 7946 for WGS 84 (no crs member, CCW rings, 7 decimals); in another CRS GDAL
+            # writes the legacy crs member
+            options = {"RFC7946": "YES"} if crs == WGS84 else {}
+            frame.to_file(self.geojson_dir / f"{name}.geojson", driver="GeoJSON",
+                          engine="pyogrio", ID_FIELD="id", **options)
+            frame.drop(columns="id").to_parquet(self.geoparquet_dir / f"{name}.parquet",
+                                                index=False)
+            written[split] = {"features": len(rows), "crs": crs,
+                              "file": f"geojson/{name}.geojson",
+                              "geoparquet": f"geoparquet/{name}.parquet"}
         return written
-
-    def abort(self) -> None:
-        for f in self.files.values():
-            f.close()
 
 
 def _row_geometries(row: dict, crs: str, transform: list[float], target: str,
                     tolerance: float) -> list[MultiPolygon]:
-    found = []
-    for rle in row["masks"]:
-        geom = mask_geometry(masks.decode(RLE(**rle)), transform, tolerance)
-        if not same_crs(crs, target):
-            geom = reproject(geom, crs, target, f"tile {row['tile_id']}")
-        found.append(geom)
-    return found
+    return [reproject(mask_geometry(masks.decode(RLE(**rle)), transform, tolerance), crs, target)
+            for rle in row["masks"]]
 
 
 def _with_geometry(table: pa.Table, wkb: list[Optional[bytes]], crs: str,
@@ -195,64 +225,60 @@ def run_georef(params: Params, tiles_dir: Path, export_dir: Path) -> dict:
     tiles_dir, export_dir = Path(tiles_dir), Path(export_dir)
     georef = tile_georeference(tiles_dir)
     shards = list_shards(export_dir / "parquet")
-    report: dict = {"georeferenced": bool(georef), "splits": {}, "parquet_shards": 0,
-                    "rows_with_geometry": 0, "rows_without_crs": 0, "phrases": 0,
-                    "reprojected_phrases": 0}
+    setting = params.imagery.output_crs
+    report: dict = {"georeferenced": bool(georef), "output_crs": setting, "splits": {},
+                    "parquet_shards": 0, "rows_with_geometry": 0, "rows_without_crs": 0,
+                    "phrases": 0, "reprojected_phrases": 0}
     if not georef or not shards:
         return report
     _rasterio_features()
+    _geopandas()
     tolerance = params.imagery.polygon_tolerance_px
     with staged_folder(export_dir / "geojson", stage="export", inputs=[tiles_dir]) as gj_dir, \
+            staged_folder(export_dir / "geoparquet", stage="export",
+                          inputs=[tiles_dir]) as gpq_dir, \
             staged_folder(export_dir / "parquet", stage="export", inputs=[tiles_dir]) as pq_dir:
-        writer = _GeoJsonWriter(gj_dir)
+        files = _PhraseFiles(gj_dir, gpq_dir)
         split_crs: dict[str, str] = {}
-        try:
-            for path in shards:
-                table = pq.read_table(path)
-                rows = table.select(["record_id", "tile_id", "split", "phrases",
-                                     "phrase_kinds", "phrase_categories", "masks",
-                                     "object_ids"]).to_pylist()
-                shard_crs, wkb, bounds = None, [], []
-                for row in rows:
-                    found = georef.get((row["split"], row["tile_id"]))
-                    if found is None:
-                        wkb.append(None)
-                        report["rows_without_crs"] += 1
-                        continue
-                    crs, transform = found
-                    shard_crs = shard_crs or crs
-                    target = split_crs.setdefault(row["split"], crs)
-                    geoms = _row_geometries(row, crs, transform, shard_crs, tolerance)
-                    if not same_crs(crs, shard_crs):
-                        report["reprojected_phrases"] += len(geoms)
-                    collection = GeometryCollection(geoms)
-                    wkb.append(shapely.to_wkb(collection, output_dimension=2))
-                    if not collection.is_empty:
-                        bounds.append(collection.bounds)
-                    if not same_crs(shard_crs, target):
-                        geoms = _row_geometries(row, crs, transform, target, tolerance)
-                    for i, geom in enumerate(geoms):
-                        writer.add(row["split"], target, {
-                            "type": "Feature", "id": f"{row['record_id']}:{i}",
-                            "geometry": mapping(geom),
-                            "properties": {
-                                "record_id": row["record_id"], "tile_id": row["tile_id"],
-                                "split": row["split"], "seg_index": i,
-                                "phrase": row["phrases"][i], "kind": row["phrase_kinds"][i],
-                                "category": row["phrase_categories"][i],
-                                "object_ids": list(row["object_ids"][i])}})
-                    report["rows_with_geometry"] += 1
-                    report["phrases"] += len(geoms)
-                if shard_crs is not None:
-                    b = np.asarray(bounds) if bounds else None
-                    bbox = ([b[:, 0].min(), b[:, 1].min(), b[:, 2].max(), b[:, 3].max()]
-                            if b is not None else None)
-                    table = _with_geometry(table, wkb, shard_crs, bbox)
-                    report["parquet_shards"] += 1
-                write_table(pq_dir / path.name, table, params.export.row_group_size)
-        except BaseException:
-            writer.abort()
-            raise
-        report["splits"] = writer.close()
+        for path in shards:
+            table = pq.read_table(path)
+            rows = table.select(["record_id", "tile_id", "split", "phrases", "phrase_kinds",
+                                 "phrase_categories", "masks", "object_ids"]).to_pylist()
+            shard_crs, wkb, bounds = None, [], []
+            for row in rows:
+                found = georef.get((row["split"], row["tile_id"]))
+                if found is None:
+                    wkb.append(None)
+                    report["rows_without_crs"] += 1
+                    continue
+                crs, transform = found
+                target = split_crs.setdefault(row["split"], output_crs(setting, crs))
+                shard_crs = shard_crs or target
+                geoms = _row_geometries(row, crs, transform, target, tolerance)
+                if not same_crs(crs, target):
+                    report["reprojected_phrases"] += len(geoms)
+                for i, geom in enumerate(geoms):
+                    files.add(row["split"], target, geom, {
+                        "record_id": row["record_id"], "tile_id": row["tile_id"],
+                        "split": row["split"], "seg_index": i, "phrase": row["phrases"][i],
+                        "kind": row["phrase_kinds"][i],
+                        "category": row["phrase_categories"][i],
+                        "object_ids": list(row["object_ids"][i])})
+                if not same_crs(target, shard_crs):  # a shard holding two splits' CRS
+                    geoms = [reproject(g, target, shard_crs) for g in geoms]
+                footprint = _multipolygon(shapely.union_all(geoms)) if geoms else MultiPolygon()
+                wkb.append(shapely.to_wkb(footprint, output_dimension=2))
+                if not footprint.is_empty:
+                    bounds.append(footprint.bounds)
+                report["rows_with_geometry"] += 1
+                report["phrases"] += len(geoms)
+            if shard_crs is not None:
+                b = np.asarray(bounds) if bounds else None
+                bbox = ([b[:, 0].min(), b[:, 1].min(), b[:, 2].max(), b[:, 3].max()]
+                        if b is not None else None)
+                table = _with_geometry(table, wkb, shard_crs, bbox)
+                report["parquet_shards"] += 1
+            write_table(pq_dir / path.name, table, params.export.row_group_size)
+        report["splits"] = files.write()
         write_json(gj_dir / "report.json", report)
     return report

@@ -8,8 +8,11 @@ responses, in request order, to `<out>/<name>`. Backend set-up happens once per 
 a backend with a client, a response cache or retries slots in without changing the stage.
 
 A batched-marks request (`plan.batched_marks`, kind instance_batch) is answered in one call by a
-backend that can (`answers_instance_batch`); any other backend gets the per-mark questions it
-bundles and their answers are put together in the same JSON list, so compose reads one format.
+backend that can (`answers_instance_batch`); any other backend is asked the per-mark requests it
+bundles (`Request.bundles`, planned alongside it) instead. Either way the stage stores one
+instance Response per mark, keyed by the per-mark request id (`split_batch_answer`, the one place
+a batch answer is split), so that compose reads the same per-mark answers in both modes; the
+batch itself gets no stored response, its call is counted once (`pipeline.core.requests.by_call`).
 """
 
 from __future__ import annotations
@@ -19,12 +22,13 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Sequence
 
-from annotators.base import REGISTRY, AnnotationContext, Backend, get_backend, local_scheduler_for
-from pipeline.core.errors import BadParamsError, EmptyInputError
+from annotators.base import REGISTRY, AnnotationContext, get_backend, local_scheduler_for
+from pipeline.core.errors import BadParamsError, BadShardError, EmptyInputError
 from pipeline.core.failure_policy import check_annotate
 from pipeline.core.params import BackendParams, CacheParams, Params
-from pipeline.core.runner import map_shards
-from pipeline.core.shards import list_shards, read_records, staged_folder, write_json, write_records
+from pipeline.core.requests import by_call, questions
+from pipeline.core.shards import list_shards, read_records, write_records
+from pipeline.core.stage import Stage
 from schemas import PASSES, Request, Response, Tile, TilePlan, Usage
 
 # Failed requests listed by name in report.json (the rest are only counted).
@@ -50,14 +54,13 @@ def annotate_shard(job: ShardJob) -> dict:
     requests = read_records(job.requests, Request)
     wanted = {r.tile_id for r in requests}
     backend = get_backend(job.backend, cache=job.cache)
-    one_by_one = any(r.kind == "instance_batch" for r in requests) and \
-        not getattr(backend, "answers_instance_batch", False)
-    needs_pixels = getattr(backend, "needs_pixels", True)
+    asked = questions(requests, batches=backend.answers_instance_batch)
+    needs_pixels = backend.needs_pixels
     images: dict[str, bytes] = {}
     plans: dict[str, TilePlan] = {}
     # one per tile of the shard; set-of-marks images only for a backend that looks at pixels,
     # or that measures tiles which plan did not measure
-    skip = () if needs_pixels or one_by_one else ("som_png",)
+    skip = () if needs_pixels else ("som_png",)
     shard_plans = read_records(job.plan, TilePlan, skip_bytes=skip)
     if skip and any(p.measurements is None for p in shard_plans if p.tile_id in wanted):
         shard_plans = read_records(job.plan, TilePlan)
@@ -68,64 +71,84 @@ def annotate_shard(job: ShardJob) -> dict:
                 images[plan.som_sha256] = plan.som_png
     measured = all(p.measurements is not None for p in plans.values())
     tiles: dict[str, Tile] = {}
-    if needs_pixels or one_by_one or not measured:
+    if needs_pixels or not measured:
         tiles = {t.tile_id: t for t in read_records(job.tiles, Tile) if t.tile_id in wanted}
     context = AnnotationContext(tiles=tiles, images=images, plans=plans)
-    if one_by_one:
-        answered = answer_marks_one_by_one(backend, requests, tiles, plans, context)
-    else:
-        answered = backend.annotate(requests, context)
-    responses = in_request_order(requests, answered, backend.name, backend.model)
+    answered = in_request_order(asked, backend.annotate(asked, context), backend.name,
+                                backend.model)
+    responses = per_mark_responses(requests, answered, job.requests)
     write_records(job.out, responses, Response)
     report = shard_report(job.name, responses)
     report["tiles"] = len(shard_plans)
-    stats = getattr(backend, "stats", None)
+    stats = backend.stats
     if stats is not None:
         report["backend_stats"] = stats.as_dict()
     return report
 
 
-def answer_marks_one_by_one(backend: Backend, requests: Sequence[Request],
-                            tiles: dict[str, Tile], plans: dict[str, TilePlan],
-                            context: AnnotationContext) -> list[Response]:
-    """Answer batched-marks requests with a backend that takes one mark per call: ask the
-    per-mark questions each bundles, and put their answers together as one JSON list
-    [{"mark": n, "description": "..."}] per batched request (usage, cost and calls summed)."""
-    from pipeline.stages.plan import mark_requests
-
-    bundled: dict[str, list[Request]] = {}
-    asked: list[Request] = []
+def per_mark_responses(requests: Sequence[Request], answered: Sequence[Response],
+                       where: Path | None = None) -> list[Response]:
+    """The responses to store: one per request but the batched-marks ones, in request order.
+    `answered` holds one response per request asked (`in_request_order`); a per-mark request
+    that a batch bundles has its own answer when asked one by one, else its part of the batch
+    answer. Either way it names its batch (`batch_id`)."""
+    answers = {a.request_id: a for a in answered}
+    by_id = {r.request_id: r for r in requests}
+    batch_of: dict[str, Request] = {}
     for r in requests:
         if r.kind != "instance_batch":
-            asked.append(r)
-        elif r.tile_id in tiles and r.tile_id in plans:
-            bundled[r.request_id] = [q for q in mark_requests(tiles[r.tile_id], plans[r.tile_id],
-                                                              r.prompt_version)
-                                     if q.object_ids[0] in r.object_ids]
-            asked.extend(bundled[r.request_id])
-    answers = {a.request_id: a for a in backend.annotate(asked, context)}
+            continue
+        if not r.bundles or any(i not in by_id for i in r.bundles):
+            raise BadShardError(f"batched-marks request {r.request_id} does not list its "
+                                "per-mark requests in this shard (a plan of an older version? "
+                                "re-run plan)", where)
+        batch_of.update(dict.fromkeys(r.bundles, r))
+    parts: dict[str, dict[str, Response]] = {}
     out = []
     for r in requests:
-        if r.kind != "instance_batch":
-            if r.request_id in answers:
-                out.append(answers[r.request_id])
+        if r.kind == "instance_batch":
             continue
-        parts = [(q.mark_number, answers.get(q.request_id)) for q in bundled.get(r.request_id, [])]
-        found = [a for _, a in parts if a is not None]
-        ok = [(n, a) for n, a in parts if a is not None and a.status == "ok"]
-        errors = sorted({a.error or "failed" for a in found if a.status != "ok"})
+        batch = batch_of.get(r.request_id)
+        if batch is None:
+            out.append(answers[r.request_id])
+        elif r.request_id in answers:  # asked one mark per call
+            out.append(answers[r.request_id].model_copy(update={"batch_id": batch.request_id}))
+        else:
+            if batch.request_id not in parts:
+                parts[batch.request_id] = {a.request_id: a for a in split_batch_answer(
+                    batch, [by_id[i] for i in batch.bundles or ()], answers[batch.request_id])}
+            out.append(parts[batch.request_id][r.request_id])
+    return out
+
+
+def split_batch_answer(batch: Request, marks: Sequence[Request],
+                       answer: Response) -> list[Response]:
+    """A batched-marks answer (its text the JSON list [{"mark": n, "description": ...}]) as one
+    instance Response per bundled per-mark request, in `marks` order: ok with the description of
+    its mark, or failed (the batch failed, or its answer does not describe that mark). The
+    call's usage, cost, latency and attempts stay on the first mark's response only."""
+    described: dict[int, str] = {}
+    error = answer.error or "failed"
+    if answer.status == "ok":
+        try:
+            described = {int(m["mark"]): str(m["description"]) for m in json.loads(answer.text)}
+            error = ""
+        except (ValueError, TypeError, KeyError):
+            error = "the batched-marks answer is not a list of marks and descriptions"
+    out = []
+    for i, mark in enumerate(marks):
+        text = described.get(mark.mark_number)  # type: ignore[arg-type]
+        reason = error or f"the batched-marks answer does not describe mark {mark.mark_number}"
+        first = i == 0
         out.append(Response(
-            request_id=r.request_id, tile_id=r.tile_id, kind=r.kind,
-            status="ok" if ok else "failed",
-            text=json.dumps([{"mark": n, "description": a.text} for n, a in ok],
-                            ensure_ascii=False) if ok else "",
-            error=None if ok else "; ".join(errors) or "no mark of the tile was answered",
-            backend=backend.name, model=backend.model, prompt_version=r.prompt_version,
-            usage=Usage(prompt_tokens=sum(a.usage.prompt_tokens for a in found),
-                        completion_tokens=sum(a.usage.completion_tokens for a in found)),
-            cost_usd=sum(a.cost_usd for a in found), latency_s=sum(a.latency_s for a in found),
-            attempts=sum(a.attempts for a in found),
-            cached=bool(found) and all(a.cached for a in found)))
+            request_id=mark.request_id, tile_id=mark.tile_id, kind=mark.kind,
+            status="ok" if text is not None else "failed", text=text or "",
+            error=None if text is not None else reason,
+            backend=answer.backend, model=answer.model, prompt_version=answer.prompt_version,
+            usage=answer.usage if first else Usage(), cost_usd=answer.cost_usd if first else 0.0,
+            latency_s=answer.latency_s if first else 0.0,
+            attempts=answer.attempts if first else 0, cached=answer.cached,
+            batch_id=batch.request_id))
     return out
 
 
@@ -145,19 +168,28 @@ def in_request_order(requests: Sequence[Request], responses: Sequence[Response],
 
 
 def shard_report(name: str, responses: Sequence[Response]) -> dict:
-    """Counts, tokens, cost and latency of one shard's responses."""
+    """Counts, tokens, cost and latency of one shard's responses. Requests are counted as
+    asked: the per-mark answers of one batched-marks request are one request, ok when any mark
+    is, cached when all are (`by_call`); tokens, cost, latency and calls are summed."""
     by_backend: dict[str, dict[str, int]] = {}
-    for r in responses:
-        entry = by_backend.setdefault(f"{r.backend}/{r.model}",
+    asked: list[tuple[str, bool, bool, str]] = []  # (request id, ok, cached, error) per call
+    for call in by_call(responses):
+        first, ok = call[0], any(r.status == "ok" for r in call)
+        if first.batch_id is None:
+            asked.append((first.request_id, ok, first.cached, first.error or ""))
+        else:
+            asked.append((first.batch_id, ok, all(r.cached for r in call), "; ".join(sorted(
+                {r.error or "failed" for r in call if r.status != "ok"}))))
+        entry = by_backend.setdefault(f"{first.backend}/{first.model}",
                                       {"requests": 0, "ok": 0, "failed": 0})
         entry["requests"] += 1
-        entry[r.status] += 1
+        entry["ok" if ok else "failed"] += 1
     return {
         "name": name,
-        "requests": len(responses),
-        "ok": sum(r.status == "ok" for r in responses),
-        "failed": sum(r.status == "failed" for r in responses),
-        "cached": sum(r.cached for r in responses),
+        "requests": len(asked),
+        "ok": sum(ok for _, ok, _, _ in asked),
+        "failed": sum(not ok for _, ok, _, _ in asked),
+        "cached": sum(cached for _, _, cached, _ in asked),
         # model calls this run made (attempts of the answers not from the cache)
         "calls": sum(r.attempts for r in responses if not r.cached),
         "by_backend": by_backend,
@@ -166,8 +198,8 @@ def shard_report(name: str, responses: Sequence[Response]) -> dict:
         "cost_usd": sum(r.cost_usd for r in responses),
         "spent_usd": sum(r.cost_usd for r in responses if not r.cached),
         "latency_s": sum(r.latency_s for r in responses),
-        "failures": [{"request_id": r.request_id, "error": r.error or ""}
-                     for r in responses if r.status == "failed"][:REPORTED_FAILURES],
+        "failures": [{"request_id": rid, "error": error}
+                     for rid, ok, _, error in asked if not ok][:REPORTED_FAILURES],
     }
 
 
@@ -242,7 +274,9 @@ def run_annotate(params: Params, kind: str, tiles_dir: Path, plan_dir: Path, out
     # set-up mistakes (a missing API key, a bad response cache, ...) stop here, before any
     # work (with the cache's settings: batch mode needs one, and the cache file is checked)
     made = get_backend(backend, cache=params.annotate.cache)
-    local = local_scheduler_for(made, params.runner.local_scheduler)
+    stage = Stage("annotate", params, scheduler,
+                  local_scheduler=local_scheduler_for(made, params.runner.local_scheduler),
+                  holds_model=made.loads_model)
     tiles_dir, plan_dir, out_dir = Path(tiles_dir), Path(plan_dir), Path(out_dir)
     requests_dir = plan_dir / "requests" / kind
     if not requests_dir.is_dir():
@@ -250,23 +284,18 @@ def run_annotate(params: Params, kind: str, tiles_dir: Path, plan_dir: Path, out
     shards = list_shards(requests_dir)
     for shard in shards:
         for path in (tiles_dir / shard.name, plan_dir / "tiles" / shard.name):
-            if not path.is_file():
-                raise EmptyInputError(f"missing shard for request shard {shard.name} (tiles and "
-                                      "plan are out of step; re-run prepare and plan)", path)
-    runner = params.runner
+            stage.need(path, f"missing shard for request shard {shard.name} (tiles and plan "
+                       "are out of step; re-run prepare and plan)")
     # workers may run elsewhere: the cache path must not depend on their working directory
     cache = params.annotate.cache.model_copy(
         update={"path": str(Path(params.annotate.cache.path).resolve())})
-    with staged_folder(out_dir, stage="annotate", inputs=[tiles_dir, plan_dir, cache.path]
-                       ) as staging:
+    with stage.output(out_dir, inputs=[tiles_dir, plan_dir, cache.path]) as out:
         jobs = [ShardJob(name=s.name, kind=kind, requests=s, tiles=tiles_dir / s.name,
                          plan=plan_dir / "tiles" / s.name,
-                         out=staging / s.name, backend=backend, cache=cache) for s in shards]
-        reports = map_shards(annotate_shard, jobs, label=f"annotate {kind}",
-                             scheduler=scheduler or runner.scheduler,
-                             local_scheduler=local, workers=runner.workers)
+                         out=out.folder / s.name, backend=backend, cache=cache) for s in shards]
+        reports = stage.map(annotate_shard, jobs, label=f"annotate {kind}")
         report = stage_report(kind, backend, reports)
         # too many failures: raised here, the staged folder is dropped and out_dir kept
         check_annotate(kind, report, params.annotate.max_failed_share, out_dir)
-        write_json(staging / "report.json", report)
+        out.report = report
     return report

@@ -46,7 +46,6 @@ import pyarrow.parquet as pq
 from pipeline import __version__ as PIPELINE_VERSION
 from pipeline.core.errors import BadRecordError, DuplicateNameError, EmptyInputError
 from pipeline.core.params import ExportParams, Params
-from pipeline.core.runner import map_shards
 from pipeline.core.shards import (
     SHARD_RE,
     atomic_path,
@@ -54,10 +53,9 @@ from pipeline.core.shards import (
     read_records,
     safe_name,
     shard_name,
-    staged_folder,
-    write_json,
     write_table,
 )
+from pipeline.core.stage import Stage
 from pipeline.formats.geopixel_format import (
     SEG,
     check_record,
@@ -404,20 +402,21 @@ def _write_coco(path: Path, coco: dict) -> None:
                        encoding="ascii")
 
 
-def run_export(params: Params, tiles_dir: Path, records_dir: Path, out_dir: Path) -> dict:
+def run_export(params: Params, tiles_dir: Path, records_dir: Path, out_dir: Path,
+               scheduler: str | None = None) -> dict:
     """Export every record shard; write `out_dir` whole or not at all; return the report."""
-    export, runner = params.export, params.runner
+    export = params.export
+    stage = Stage("export", params, scheduler)
     shards = scan_inputs(Path(records_dir), Path(tiles_dir), export)
-    run = dict(scheduler=runner.scheduler, local_scheduler=runner.local_scheduler,
-               workers=runner.workers)
-    with staged_folder(Path(out_dir), stage="export", inputs=[tiles_dir, records_dir],
-                       count_key="records") as staging:
+    with stage.output(Path(out_dir), inputs=[tiles_dir, records_dir],
+                      count_key="records") as out:
+        staging = out.folder
         geopixel_dir = staging / "geopixel"
-        pieces = map_shards(partial(export_shard, geopixel_dir=geopixel_dir, export=export),
-                            shards, label="export geopixel+coco", **run)
+        pieces = stage.map(partial(export_shard, geopixel_dir=geopixel_dir, export=export),
+                           shards, label="export geopixel+coco")
         parquet = plan_parquet(shards, staging / "parquet", export.records_per_shard)
-        rows = map_shards(partial(write_parquet_shard, export=export), parquet,
-                          label="export parquet", **run)
+        rows = stage.map(partial(write_parquet_shard, export=export), parquet,
+                         label="export parquet")
         items: dict[str, list[dict]] = defaultdict(list)
         for piece in pieces:
             for folder, entries in piece["geopixel"].items():
@@ -441,5 +440,5 @@ def run_export(params: Params, tiles_dir: Path, records_dir: Path, out_dir: Path
                      "categories": len(next(iter(cocos.values()))["categories"]) if cocos else 0},
             "geopixel": {"lists": lists, "samples": sum(lists.values())},
         }
-        write_json(staging / "report.json", report)
+        out.report = report
     return report

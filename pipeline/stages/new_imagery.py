@@ -7,8 +7,9 @@
     OUT/plan/, OUT/responses/{holistic,instance,cluster}/, OUT/records/, OUT/export/
                     the stages of `geopixeld build`, unchanged (pipeline.stages.plan, .annotate,
                     .compose, .export)
-    OUT/export/geojson/ and a `geometry` column in OUT/export/parquet/ when scenes have a CRS
-                    (pipeline.sources.georef)
+    OUT/export/geojson/, OUT/export/geoparquet/ (one MultiPolygon per phrase; WGS 84 unless
+                    imagery.output_crs is scene) and a `geometry` column in
+                    OUT/export/parquet/ when scenes have a CRS (pipeline.sources.georef)
     OUT/summary.json  tiles, objects, phrases, calls, cost, and one entry per scene
 
 Masks (`masks`, `masks_arg`): None (no objects: holistic captions only, refused unless
@@ -39,8 +40,8 @@ import pyarrow.parquet as pq
 from pipeline.core.errors import BadParamsError, EmptyInputError, GeoPixelDError
 from pipeline.core.imaging import encode_png, sha256
 from pipeline.core.params import Params, override_params
-from pipeline.core.runner import map_shards
-from pipeline.core.shards import shard_name, staged_folder, write_json, write_records, write_table
+from pipeline.core.shards import shard_name, write_json, write_records, write_table
+from pipeline.core.stage import Stage
 from pipeline.geometry import masks as rle
 from pipeline.geometry.categories import UNKNOWN_CATEGORY
 from pipeline.sources.imagery import (
@@ -359,20 +360,19 @@ def run_tile_imagery(paths: Sequence[Path], out_dir: Path, params: Params,
         load_sam(params.sam)  # a missing or wrong checkpoint stops here, before any tile
     scenes, skipped = _describe_all(images, params)
     label_counts = _scene_labels(scenes, spec, params)
-    runner = params.runner
+    # SAM (automatic masks, or box-prompted from DOTA labels) is a model each task holds
+    stage = Stage("tiles", params, scheduler, holds_model=spec.kind in ("sam", "dota"))
     out_dir = Path(out_dir)
     scene_reports = []
-    with staged_folder(out_dir, stage="tiles", inputs=[*paths, spec.path],
-                       count_key="tiles") as staging:
+    with stage.output(out_dir, inputs=[*paths, spec.path], count_key="tiles") as out:
+        staging = out.folder
         parts_dir = staging / PARTS
         parts_dir.mkdir()
         names: list[tuple[str, int]] = []
         for index, scene in enumerate(scenes):
             tasks = _tasks(index, scene, params, spec)
-            results = map_shards(partial(imagery_task, params=params, parts_dir=str(parts_dir)),
-                                 tasks, label=f"tiles {scene.info.name}",
-                                 scheduler=scheduler or runner.scheduler,
-                                 local_scheduler=runner.local_scheduler, workers=runner.workers)
+            results = stage.map(partial(imagery_task, params=params, parts_dir=str(parts_dir)),
+                                tasks, label=f"tiles {scene.info.name}")
             report = _scene_report(scene, results)
             if "skipped" in report:
                 for r in results:  # tasks of the scene that did succeed leave no tiles either
@@ -406,7 +406,7 @@ def run_tile_imagery(paths: Sequence[Path], out_dir: Path, params: Params,
             "counts": dict(sorted(totals.items())),
             "per_scene": scene_reports,
         }
-        write_json(staging / "report.json", report)
+        out.report = report
     return report
 
 
@@ -491,7 +491,8 @@ def _annotate_stages(paths: list[Path], out_dir: Path, params: Params, spec: Mas
     reports["compose"] = run_compose(params, dirs["tiles"], dirs["plan"], dirs["responses"],
                                      dirs["records"], scheduler=scheduler)
     tell("compose", reports["compose"])
-    reports["export"] = run_export(params, dirs["tiles"], dirs["records"], dirs["export"])
+    reports["export"] = run_export(params, dirs["tiles"], dirs["records"], dirs["export"],
+                                   scheduler=scheduler)
     tell("export", reports["export"])
     reports["georef"] = run_georef(params, dirs["tiles"], dirs["export"])
     tell("georef", reports["georef"])

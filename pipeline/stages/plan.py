@@ -4,23 +4,25 @@ For each tile: the 3x3 position of every instance (positional prior), clusters o
 same-category instances per refined grid region, numbered marks on the instances described one
 by one, the tile's measurements (`pipeline.geometry.measure`: what the template backend states), and one
 `Request` per LMM call (holistic, instance, cluster) carrying the rendered prompt, its version
-and the hash of the image the model will see.
+and the hash of the image the model will see. With `plan.batched_marks` a tile's marks are
+also asked in one instance_batch request, which lists (`bundles`) the per-mark instance requests
+planned as in the other mode: later stages read per-mark requests and answers either way.
 """
 
 from __future__ import annotations
 
-import hashlib
-import json
 from collections import Counter
 from functools import partial
 from pathlib import Path
 
 import prompts
-from pipeline.core.errors import BadAnnotationError, EmptyInputError, GeoPixelDError
+from pipeline.core.errors import BadAnnotationError, GeoPixelDError
+from pipeline.core.estimate import plan_estimate
 from pipeline.core.imaging import decode_png, sha256
 from pipeline.core.params import Params, PlanParams
-from pipeline.core.runner import map_shards
-from pipeline.core.shards import list_shards, read_records, staged_folder, write_json, write_records
+from pipeline.core.requests import questions, request_id
+from pipeline.core.shards import read_records, write_records
+from pipeline.core.stage import Stage
 from pipeline.geometry.categories import UNKNOWN_CATEGORY
 from pipeline.geometry.grid import position
 from pipeline.geometry.measure import measure_tile
@@ -42,14 +44,6 @@ PASS_OF = {"holistic": "holistic", "instance": "instance", "instance_batch": "in
 
 __all__ = ["mark_requests", "marks_batch_requests", "plan_shard", "plan_tile",
            "request_id", "run_plan"]
-
-
-def request_id(tile_id: str, kind: str, prompt_version: str, prompt: str, image_sha256: str,
-               object_ids: list[int]) -> str:
-    """Content id of a request: the same question about the same image gets the same id."""
-    blob = json.dumps([tile_id, kind, prompt_version, prompt, image_sha256, list(object_ids)],
-                      ensure_ascii=False, separators=(",", ":"))
-    return hashlib.sha256(blob.encode("utf-8")).hexdigest()[:24]
 
 
 def _request(tile_id: str, kind: str, version: str, prompt: str, image_sha: str,
@@ -99,10 +93,10 @@ def _plan(tile: Tile, params: PlanParams) -> tuple[TilePlan, list[Request], list
                     marks=placement.marks, clusters=split.clusters,
                     unplanned_object_ids=unplanned, som_png=som_png, som_sha256=som_sha,
                     measurements=measurements)
+    marks = mark_requests(tile, plan, version)
+    requests.extend(marks)
     if params.batched_marks:
-        requests.extend(marks_batch_requests(tile, plan, version))
-    else:
-        requests.extend(mark_requests(tile, plan, version))
+        requests.extend(marks_batch_requests(tile, plan, version, marks))
     for cluster in split.clusters:
         if cluster.category == UNKNOWN_CATEGORY:
             prompt = prompts.render("cluster_unknown", version,
@@ -118,8 +112,8 @@ def _plan(tile: Tile, params: PlanParams) -> tuple[TilePlan, list[Request], list
 
 
 def mark_requests(tile: Tile, plan: TilePlan, version: str) -> list[Request]:
-    """One instance request per mark of a planned tile, in mark order. Also how a batched-marks
-    request is split back into the questions it bundles (same prompts, same ids)."""
+    """One instance request per mark of a planned tile, in mark order (in both modes: the
+    per-mark requests a batched-marks request bundles are these, same prompts, same ids)."""
     category_of = {o.object_id: o.category for o in tile.objects}
     pos_of = dict(zip((o.object_id for o in tile.objects), plan.positions))
     requests = []
@@ -138,10 +132,12 @@ def mark_requests(tile: Tile, plan: TilePlan, version: str) -> list[Request]:
     return requests
 
 
-def marks_batch_requests(tile: Tile, plan: TilePlan, version: str) -> list[Request]:
+def marks_batch_requests(tile: Tile, plan: TilePlan, version: str,
+                         bundled: list[Request] | None = None) -> list[Request]:
     """The batched-marks request of a planned tile (none without marks): one call describes
     every marked object; its object_ids are the marked objects by mark number, marks numbered
-    1..n (what the answer's "mark" fields refer to)."""
+    1..n (what the answer's "mark" fields refer to), and its `bundles` the ids of the per-mark
+    requests it asks at once (`bundled`, default `mark_requests`), in the same order."""
     marks = sorted(plan.marks, key=lambda m: m.number)
     if not marks:
         return []
@@ -155,13 +151,18 @@ def marks_batch_requests(tile: Tile, plan: TilePlan, version: str) -> list[Reque
         name = "object" if category == UNKNOWN_CATEGORY else category_prior(category)
         lines.append(f"Mark {mark.number}: the {name} at the {pos_of[mark.object_id]}")
     prompt = prompts.render("instance_batch", version, marks="\n".join(lines))
+    bundled = mark_requests(tile, plan, version) if bundled is None else bundled
+    if [q.object_ids for q in bundled] != [[m.object_id] for m in marks]:
+        raise BadAnnotationError(f"tile {tile.tile_id}: the per-mark requests to bundle are not "
+                                 "the tile's marks in mark order")
     return [_request(tile.tile_id, "instance_batch", version, prompt, plan.som_sha256 or "",
-                     [m.object_id for m in marks])]
+                     [m.object_id for m in marks], bundles=[q.request_id for q in bundled])]
 
 
 def plan_tile(tile: Tile, params: PlanParams) -> tuple[TilePlan, list[Request]]:
     """Plan one tile: its TilePlan and its requests (holistic first, then instance requests by
-    mark number, then cluster requests by cluster id)."""
+    mark number, with batched marks then the batch that bundles them, then cluster requests by
+    cluster id)."""
     plan, requests, _ = _plan(tile, params)
     return plan, requests
 
@@ -171,12 +172,14 @@ def plan_shard(item: tuple[Path, Path], params: PlanParams) -> dict:
     source, staging = item
     try:
         tiles = read_records(source, Tile)
-        plans, requests, counts = [], {k: [] for k in PASSES}, Counter()
+        plans, requests, counts, asked = [], {k: [] for k in PASSES}, Counter(), Counter()
         for tile in tiles:
             plan, reqs, unmarkable = _plan(tile, params)
             plans.append(plan)
             for r in reqs:
                 requests[PASS_OF[r.kind]].append(r)
+            # the report counts requests asked (a batch, not the per-mark requests it bundles)
+            asked.update(PASS_OF[r.kind] for r in questions(reqs))
             counts["objects"] += len(tile.objects)
             counts["marks"] += len(plan.marks)
             counts["marked_tiles"] += bool(plan.marks)
@@ -192,7 +195,7 @@ def plan_shard(item: tuple[Path, Path], params: PlanParams) -> dict:
     write_records(staging / "tiles" / source.name, plans, TilePlan)
     for kind in PASSES:
         write_records(staging / "requests" / kind / source.name, requests[kind], Request)
-    return {"tiles": len(tiles), **counts, **{f"requests_{k}": len(requests[k]) for k in PASSES}}
+    return {"tiles": len(tiles), **counts, **{f"requests_{k}": asked[k] for k in PASSES}}
 
 
 def run_plan(params: Params, tiles_dir: Path, out_dir: Path, scheduler: str | None = None) -> dict:
@@ -200,22 +203,16 @@ def run_plan(params: Params, tiles_dir: Path, out_dir: Path, scheduler: str | No
     report.json), written as a whole or not at all. Returns the report."""
     tiles_dir, out_dir = Path(tiles_dir), Path(out_dir)
     check_plan_params(params.plan)
-    shards = list_shards(tiles_dir)
-    if not shards:
-        raise EmptyInputError("no tile shards ({split}-#####-of-#####.parquet) in this folder",
-                              tiles_dir)
-    runner = params.runner
-    with staged_folder(out_dir, stage="plan", inputs=[tiles_dir]) as staging:
-        results = map_shards(partial(plan_shard, params=params.plan),
-                             [(s, staging) for s in shards], label="plan",
-                             scheduler=scheduler or runner.scheduler,
-                             local_scheduler=runner.local_scheduler, workers=runner.workers)
-        total = Counter()
-        for r in results:
-            total.update(r)
+    stage = Stage("plan", params, scheduler)
+    shards = stage.shards(tiles_dir, "no tile shards ({split}-#####-of-#####.parquet) in this "
+                          "folder")
+    with stage.output(out_dir, inputs=[tiles_dir]) as out:
+        results = stage.map(partial(plan_shard, params=params.plan),
+                            [(s, out.folder) for s in shards])
+        total = stage.total(results)
         requests = {k: total[f"requests_{k}"] for k in PASSES}
         tiles, total_requests = total["tiles"], sum(requests.values())
-        report = {
+        out.report = {
             "stage": "plan",
             "shards": len(shards),
             "tiles": tiles,
@@ -240,6 +237,6 @@ def run_plan(params: Params, tiles_dir: Path, out_dir: Path, scheduler: str | No
                                        ("batched_marks", total["marked_tiles"]))},
             "prompt_version": params.plan.prompt_version,
             "params_digest": params.plan.digest(),
+            "estimate": plan_estimate(params, out.folder),  # the bill, before any paid call
         }
-        write_json(staging / "report.json", report)
-    return report
+    return out.report

@@ -26,15 +26,8 @@ from pipeline.core.errors import (
     GeoPixelDError,
 )
 from pipeline.core.params import Params, PrepareParams
-from pipeline.core.runner import map_shards
-from pipeline.core.shards import (
-    safe_join,
-    safe_name,
-    shard_name,
-    staged_folder,
-    write_json,
-    write_records,
-)
+from pipeline.core.shards import safe_join, safe_name, shard_name, write_records
+from pipeline.core.stage import Stage
 from pipeline.sources import coco_source, isaid
 from schemas import Tile, Window
 
@@ -324,16 +317,13 @@ def run_prepare(params: Params, out_dir: Path, splits: list[str] | None = None,
         _check_tile_ids(split, scenes, layouts)
         tasks += plan_tasks(scenes, layouts, prep.tiles_per_shard, first_index=len(tasks))
 
-    out_dir = Path(out_dir)
-    with staged_folder(out_dir, stage="prepare", inputs=[params.data.root],
-                       count_key="tiles") as staging:
+    stage = Stage("prepare", params, scheduler)
+    with stage.output(Path(out_dir), inputs=[params.data.root], count_key="tiles") as out:
+        staging = out.folder
         parts_dir = staging / PARTS
         parts_dir.mkdir()
-        task = partial(prepare_task, params=params, parts_dir=str(parts_dir))
-        results = map_shards(task, tasks, label="prepare",
-                             scheduler=scheduler or params.runner.scheduler,
-                             local_scheduler=params.runner.local_scheduler,
-                             workers=params.runner.workers)
+        results = stage.map(partial(prepare_task, params=params, parts_dir=str(parts_dir)),
+                            tasks)
 
         report: dict = {"source": params.data.source, "splits": {}}
         for split in splits:
@@ -350,5 +340,5 @@ def run_prepare(params: Params, out_dir: Path, splits: list[str] | None = None,
         report["skipped_scenes"] = sum(len(s["skipped_scenes"]) for s in report["splits"].values())
         report["dropped_instances"] = sum(sum(s["dropped"].values())
                                           for s in report["splits"].values())
-        write_json(staging / "report.json", report)
+        out.report = report
     return report

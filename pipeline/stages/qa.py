@@ -9,8 +9,9 @@ Metric definitions:
 - caption `chars`: length of the caption as stored, tags included (as GeoPixelD's bot text);
   `plain_chars`: without `<p>`, `</p>`, `[SEG]`, whitespace collapsed.
 - words: runs of letters (an apostrophe inside kept) of the plain, lower-cased caption, so
-  "small vehicle-1" is two words; sentences: plain-text pieces ending in . ! or ? followed by
-  a space or the end, that hold a letter.
+  "small vehicle-1" is two words; sentences: the plain text's sentences as the annotator
+  cleaning splits them (`pipeline.core.text.split_sentences`: no split after an abbreviation
+  or a single letter), those that hold a letter.
 - vocabulary size: distinct words over all captions; distinct-n: distinct word n-grams / all
   word n-grams over all captions (n-grams never cross captions).
 - categories: `present` = categories of the tiles' objects, `grounded` = categories of the
@@ -39,21 +40,14 @@ from typing import Iterable, Optional, Sequence
 import numpy as np
 import pyarrow.parquet as pq
 
-from pipeline.core.errors import BadRecordError, BadReportError, EmptyInputError
+from pipeline.core.errors import BadRecordError, BadReportError
 from pipeline.core.imaging import decode_png
 from pipeline.core.output_folders import check_output_file
 from pipeline.core.params import Params, QAParams
-from pipeline.core.runner import map_shards
-from pipeline.core.shards import (
-    atomic_path,
-    list_shards,
-    read_records,
-    safe_join,
-    safe_name,
-    staged_folder,
-    write_json,
-)
-from pipeline.core.text import csv_cell
+from pipeline.core.requests import by_call
+from pipeline.core.shards import atomic_path, read_records, safe_join, safe_name, write_json
+from pipeline.core.stage import Stage
+from pipeline.core.text import csv_cell, split_sentences
 from pipeline.core.user_files import MAX_REPORT_BYTES, read_user_json
 from pipeline.formats.html_report import IMAGE_FOLDER, render_overlay, write_report
 from pipeline.geometry import masks
@@ -84,7 +78,6 @@ GEOPIXELD_REFERENCE: dict[str, dict] = {
 
 _TAG_RE = re.compile(r"<p>|</p>|\[SEG\]")
 _WORD_RE = re.compile(r"[a-z]+(?:'[a-z]+)*")
-_SENTENCE_END_RE = re.compile(r"(?<=[.!?])\s+")
 _DECIMALS = 4
 
 
@@ -148,8 +141,8 @@ def words(text: str) -> list[str]:
 
 
 def sentences(text: str) -> list[str]:
-    """Sentences of plain text: pieces ending in . ! ? before a space or the end."""
-    return [s for s in _SENTENCE_END_RE.split(text.strip()) if re.search(r"[A-Za-z]", s)]
+    """Sentences of plain text that hold a letter (`pipeline.core.text.split_sentences`)."""
+    return [s for s in split_sentences(text) if re.search(r"[A-Za-z]", s)]
 
 
 def distinct_n(token_lists: Iterable[Sequence[str]], n: int) -> float:
@@ -220,11 +213,14 @@ def qa_shard(shard: tuple[str, int], *, params: QAParams, records_dir: Path,
     spent = {"failed": 0, "cached": 0, "prompt": 0, "completion": 0, "cost": 0.0}
     if responses_dir is not None:
         for kind in PASSES:
-            for r in read_records(responses_dir / kind / name, Response):
-                calls_by_tile.setdefault(r.tile_id, Counter())[kind] += 1
+            responses = read_records(responses_dir / kind / name, Response)
+            # the per-mark answers of one batched-marks request are one call
+            for call in by_call(responses):
+                calls_by_tile.setdefault(call[0].tile_id, Counter())[kind] += 1
                 all_calls[kind] += 1
-                spent["failed"] += r.status == "failed"
-                spent["cached"] += r.cached
+                spent["failed"] += all(r.status == "failed" for r in call)
+                spent["cached"] += all(r.cached for r in call)
+            for r in responses:
                 spent["prompt"] += r.usage.prompt_tokens
                 spent["completion"] += r.usage.completion_tokens
                 spent["cost"] += r.cost_usd
@@ -512,18 +508,17 @@ def run_qa(params: Params, records_dir: Path, out_metrics: Path, out_plots_dir: 
     """
     records_dir = Path(records_dir)
     compose_dir = Path(compose_dir) if compose_dir is not None else records_dir
-    names = [p.name for p in list_shards(records_dir)]
-    if not names:
-        raise EmptyInputError("no record shards to check (run compose first)", records_dir)
+    stage = Stage(STAGE, params, scheduler)
+    names = [p.name for p in stage.shards(records_dir, "no record shards to check (run "
+                                          "compose first)")]
     needed: list[Path] = []
     if tiles_dir is not None:
         needed += [Path(tiles_dir) / n for n in names]
     if responses_dir is not None:
         needed += [Path(responses_dir) / k / n for k in PASSES for n in names]
     for path in needed:
-        if not path.is_file():
-            raise EmptyInputError("missing shard for record shard "
-                                  f"{path.name} (run the earlier stages first)", path)
+        stage.need(path, f"missing shard for record shard {path.name} (run the earlier stages "
+                   "first)")
 
     drop_dirs = tuple(dict.fromkeys([compose_dir / "dropped", records_dir / "dropped"]))
     annotate_reports = {}
@@ -537,30 +532,28 @@ def run_qa(params: Params, records_dir: Path, out_metrics: Path, out_plots_dir: 
 
     inputs = [records_dir, compose_dir, tiles_dir, responses_dir, review_dir]
     check_output_file(out_metrics, inputs)
-    with staged_folder(Path(out_report_dir), stage=STAGE, inputs=inputs,
-                       count_key="records") as staging:
+    with stage.output(Path(out_report_dir), inputs=inputs, count_key="records") as out:
+        staging = out.folder
         (staging / IMAGE_FOLDER).mkdir()
         task = partial(qa_shard, params=params.qa, records_dir=records_dir,
                        tiles_dir=Path(tiles_dir) if tiles_dir is not None else None,
                        responses_dir=Path(responses_dir) if responses_dir is not None else None,
                        drop_dirs=drop_dirs, report_dir=staging)
-        shards = map_shards(task, list(zip(names, budget)), label=STAGE, scheduler=scheduler,
-                            local_scheduler=params.runner.local_scheduler,
-                            workers=params.runner.workers)
+        shards = stage.map(task, list(zip(names, budget)))
         metrics = qa_metrics(shards, compose_report=_read_report(compose_dir / "report.json"),
                              annotate_reports=annotate_reports, review_report=review_report,
                              with_tiles=tiles_dir is not None,
                              with_responses=responses_dir is not None)
         tables = plot_tables(shards, params.qa)
         pages = write_report(staging, shards, metrics, tables, params.qa)
-        report = {"stage": STAGE, "shards": len(names), "records": metrics["records"],
-                  "dropped": metrics["dropped"]["total"], "pages": pages,
-                  "tiles_shown": sum(1 for s in shards for r in s.records if r.image)}
-        write_json(staging / "report.json", report)
+        report = out.report = {
+            "stage": STAGE, "shards": len(names), "records": metrics["records"],
+            "dropped": metrics["dropped"]["total"], "pages": pages,
+            "tiles_shown": sum(1 for s in shards for r in s.records if r.image)}
 
-    with staged_folder(Path(out_plots_dir), stage="qa-plots", inputs=inputs) as plots:
+    with stage.output(Path(out_plots_dir), inputs=inputs, name="qa-plots") as plots:
         for file_name, rows in tables.items():
-            write_plot(plots / file_name, rows, PLOT_COLUMNS[file_name])
+            write_plot(plots.folder / file_name, rows, PLOT_COLUMNS[file_name])
     write_json(Path(out_metrics), metrics)
     return report
 

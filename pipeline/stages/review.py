@@ -46,7 +46,6 @@ with escape sequences or line breaks cannot forge terminal lines.
 from __future__ import annotations
 
 import hashlib
-import html
 import json
 import re
 import sys
@@ -56,24 +55,17 @@ from functools import partial
 from pathlib import Path
 from typing import Iterable, Optional, Sequence
 
-import pyarrow.parquet as pq
 from pydantic import ValidationError
+from rapidfuzz.distance import Levenshtein
 
-from pipeline.core.errors import BadDecisionsError, BadRecordError, EmptyInputError, printable
+from pipeline.core.errors import BadDecisionsError, BadRecordError, printable
 from pipeline.core.params import ComposeParams, Params, ReviewParams
-from pipeline.core.runner import map_shards
-from pipeline.core.shards import (
-    atomic_path,
-    list_shards,
-    read_records,
-    staged_folder,
-    write_json,
-    write_records,
-)
+from pipeline.core.shards import atomic_path, read_records, write_records
+from pipeline.core.stage import Stage
 from pipeline.core.text import normalise_text, text_problem
 from pipeline.core.user_files import parse_json, read_user_bytes, read_user_text
 from pipeline.core.validate import record_text_problem, validate_record
-from schemas import RLE, DroppedRecord, GroundedRecord, Phrase, Provenance, ReviewDecision
+from schemas import DroppedRecord, GroundedRecord, ReviewDecision
 
 STAGE = "review"
 REJECTED = "rejected_by_reviewer"
@@ -122,22 +114,7 @@ def review_hash(record: GroundedRecord) -> str:
 
 def edit_distance(a: str, b: str) -> int:
     """Character Levenshtein distance (insertions, deletions, substitutions cost 1)."""
-    # Reviewers change a few words of a long caption: the shared ends cost nothing.
-    start = 0
-    while start < min(len(a), len(b)) and a[start] == b[start]:
-        start += 1
-    end = 0
-    while end < min(len(a), len(b)) - start and a[-1 - end] == b[-1 - end]:
-        end += 1
-    a, b = a[start:len(a) - end], b[start:len(b) - end]
-    if len(a) < len(b):
-        a, b = b, a
-    row = list(range(len(b) + 1))
-    for i, ca in enumerate(a, start=1):
-        prev, row[0] = row[0], i
-        for j, cb in enumerate(b, start=1):
-            prev, row[j] = row[j], min(row[j] + 1, row[j - 1] + 1, prev + (ca != cb))
-    return row[-1]
+    return Levenshtein.distance(a, b)
 
 
 def rename_phrase(record: GroundedRecord, index: int, text: str) -> str:
@@ -285,99 +262,6 @@ def pending(records: Iterable[GroundedRecord],
 
 
 # ---------------------------------------------------------------------------------------------
-# Reading what the notebook shows
-
-
-def load_records(path: Path) -> list[GroundedRecord]:
-    """Records from a Parquet export (a shard or its folder) or a GroundedRecord folder."""
-    path = Path(path)
-    files = [path] if path.is_file() else list_shards(path)
-    if not files:
-        raise EmptyInputError("no Parquet shards ({split}-NNNNN-of-NNNNN.parquet)", path)
-    records: list[GroundedRecord] = []
-    for file in files:
-        metadata = pq.read_schema(file).metadata or {}
-        if metadata.get(b"geopixeld.record") == b"GroundedRecord":
-            records.extend(read_records(file, GroundedRecord))
-        else:
-            table = pq.read_table(file, columns=[c for c in _EXPORT_COLUMNS
-                                                 if c in pq.read_schema(file).names])
-            records.extend(_from_export_row(row) for row in table.to_pylist())
-    return records
-
-
-_EXPORT_COLUMNS = ("record_id", "tile_id", "split", "caption", "phrases", "phrase_kinds",
-                   "phrase_categories", "masks", "object_ids", "provenance", "review")
-
-
-def _from_export_row(row: dict) -> GroundedRecord:
-    phrases = [Phrase(text=t, kind=k, category=c, object_ids=o, mask=RLE(**m))
-               for t, k, c, o, m in zip(row["phrases"], row["phrase_kinds"],
-                                        row["phrase_categories"], row["object_ids"],
-                                        row["masks"])]
-    return GroundedRecord(record_id=row["record_id"], tile_id=row["tile_id"],
-                          split=row["split"], caption=row["caption"], phrases=phrases,
-                          provenance=Provenance(**row["provenance"]),
-                          review=row.get("review") or "unreviewed")
-
-
-def export_images(path: Path, record_ids: Iterable[str]) -> dict[str, bytes]:
-    """The tile PNG of each named record, from a Parquet export (a shard or its folder)."""
-    path, wanted = Path(path), sorted(set(record_ids))
-    found: dict[str, bytes] = {}
-    for file in [path] if path.is_file() else list_shards(path):
-        table = pq.read_table(file, columns=["record_id", "image"],
-                              filters=[("record_id", "in", wanted)])
-        found.update({r["record_id"]: r["image"]["bytes"] for r in table.to_pylist()})
-    return found
-
-
-def phrase_colour(i: int) -> str:
-    """The hex colour of the i-th phrase: the HTML report's palette, so that a phrase has the
-    same colour in the notebook's overlay and caption as in the report."""
-    from pipeline.formats.html_report import phrase_colour as rgb
-
-    return "#{:02x}{:02x}{:02x}".format(*rgb(i))
-
-
-def overlay(record: GroundedRecord, image_png: bytes, opacity: float = 0.5):
-    """The tile (PIL image) with each phrase's mask in its phrase colour (supervision)."""
-    import numpy as np
-    import supervision as sv
-    from PIL import Image
-
-    from pipeline.core.imaging import decode_png
-    from pipeline.geometry import masks
-
-    image = Image.fromarray(decode_png(image_png))
-    if not record.phrases:
-        return image
-    stack = np.stack([masks.decode(p.mask).astype(bool) for p in record.phrases])
-    detections = sv.Detections(xyxy=sv.mask_to_xyxy(stack).astype(float), mask=stack,
-                               class_id=np.arange(len(stack)))
-    palette = sv.ColorPalette([sv.Color.from_hex(phrase_colour(i)) for i in range(len(stack))])
-    annotator = sv.MaskAnnotator(color=palette, opacity=opacity,
-                                 color_lookup=sv.ColorLookup.INDEX)
-    return annotator.annotate(image, detections)
-
-
-def caption_html(record: GroundedRecord) -> str:
-    """The caption as HTML: each grounded phrase on its mask's colour, [SEG] as its index."""
-    parts, last = [], 0
-    for i, m in enumerate(re.finditer(r"<p>(.*?)</p> \[SEG\]", record.caption, re.DOTALL)):
-        parts.append(html.escape(record.caption[last:m.start()]))
-        colour = phrase_colour(i)
-        r, g, b = (int(colour[k:k + 2], 16) for k in (1, 3, 5))
-        ink = "#000" if 0.299 * r + 0.587 * g + 0.114 * b > 140 else "#fff"  # readable on it
-        parts.append(f'<span style="background:{colour};color:{ink};padding:0 3px;'
-                     f'border-radius:3px" title="[SEG] {i}">{html.escape(m.group(1).strip())}'
-                     f"<sub>{i}</sub></span>")
-        last = m.end()
-    parts.append(html.escape(record.caption[last:]))
-    return f'<div style="line-height:1.7">{"".join(parts)}</div>'
-
-
-# ---------------------------------------------------------------------------------------------
 # The stage
 
 
@@ -475,22 +359,20 @@ def run_review(params: Params, records_dir: Path, decisions_path: Path, out_dir:
     """Apply the decisions file to every records shard: `out_dir/<same names>`,
     `out_dir/dropped/<same names>` and report.json (see the module docstring)."""
     records_dir, out_dir, decisions_path = Path(records_dir), Path(out_dir), Path(decisions_path)
-    names = [p.name for p in list_shards(records_dir)]
-    if not names:
-        raise EmptyInputError("no record shards to review (run compose first)", records_dir)
+    stage = Stage(STAGE, params, scheduler)
+    names = [p.name for p in stage.shards(records_dir, "no record shards to review (run "
+                                          "compose first)")]
     numbered = read_decisions(decisions_path)
     by_record: dict[str, list[tuple[int, ReviewDecision]]] = {}
     for line, d in numbered:
         by_record.setdefault(d.record_id, []).append((line, d))
 
-    with staged_folder(out_dir, stage="review", inputs=[records_dir, decisions_path],
-                       count_key="records_out") as staging:
-        (staging / "dropped").mkdir()
-        task = partial(review_shard, records_dir=records_dir, staging=staging,
+    with stage.output(out_dir, inputs=[records_dir, decisions_path],
+                      count_key="records_out") as out:
+        (out.folder / "dropped").mkdir()
+        task = partial(review_shard, records_dir=records_dir, staging=out.folder,
                        decisions=by_record, review=params.review, compose=params.compose)
-        counts = map_shards(task, names, label=STAGE, scheduler=scheduler,
-                            local_scheduler=params.runner.local_scheduler,
-                            workers=params.runner.workers)
+        counts = stage.map(task, names)
         found = {rid for c in counts for rid in c["found"]}
         details = [d for c in counts for d in c["details"]]
         for line, d in numbered:
@@ -499,8 +381,7 @@ def run_review(params: Params, records_dir: Path, decisions_path: Path, out_dir:
                                 "reviewer": d.reviewer, "outcome": "unknown",
                                 "message": f"no record {d.record_id} in {records_dir}"})
         details.sort(key=lambda d: d["line"])
-        report = _report(counts, details, params.review, decisions_path)
-        write_json(staging / "report.json", report)
+        report = out.report = _report(counts, details, params.review, decisions_path)
     for d in details:
         if d["outcome"] != "applied":
             print(printable(f"review: warning: {decisions_path}:{d['line']}: {d['outcome']}: "

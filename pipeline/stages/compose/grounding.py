@@ -3,8 +3,9 @@ become its groundings (scene sentences, instance groundings in mark order, clust
 in plan order) and the count of phrases left out, by reason. Both compose strategies (this
 package's deterministic composer and the LLM composer) word the same groundings.
 
-Batched-marks answers (`plan.batched_marks`) are split back into the per-mark instance requests
-and answers they bundle before anything else, so both modes compose alike. With
+Instance answers are per mark in both modes: with `plan.batched_marks` the plan also writes the
+per-mark requests a batch bundles and the annotate stage stores one answer per mark, so the
+batch requests themselves are ignored here and both modes compose alike. With
 `compose.composer: llm` the paragraph is written by a language model instead
 (`pipeline.stages.compose.llm`), from the groundings gathered here; any failure keeps this
 composer's record and is counted.
@@ -13,7 +14,6 @@ composer's record and is counted.
 
 from __future__ import annotations
 
-import json
 import re
 from collections import Counter
 from dataclasses import dataclass
@@ -24,17 +24,7 @@ from pipeline.core.errors import BadRecordError
 from pipeline.core.params import Params, params_hash
 from pipeline.core.validate import sanitize_fragment
 from pipeline.geometry import masks
-from schemas import (
-    RLE,
-    Cluster,
-    ObjectInstance,
-    Provenance,
-    Request,
-    Response,
-    Tile,
-    TilePlan,
-    Usage,
-)
+from schemas import RLE, Cluster, ObjectInstance, Provenance, Request, Response, Tile, TilePlan
 
 _LIST_MARKER_RE = re.compile(r"^\s*(?:\d{1,2}[.)]|[-*\u2022])\s+")
 
@@ -78,7 +68,6 @@ class Groundings:
 def tile_groundings(tile: Tile, plan: TilePlan, requests: Sequence[Request],
                     responses: Sequence[Response]) -> Groundings | tuple[str, str]:
     """A tile's groundings, or (reason, detail) when it can have no record."""
-    requests, responses = unbatch_marks(tile, plan, requests, responses)
     requests = sorted((r for r in requests if r.tile_id == tile.tile_id),
                       key=lambda r: r.request_id)
     answer = _answers(r for r in responses if r.tile_id == tile.tile_id)
@@ -101,42 +90,6 @@ def tile_groundings(tile: Tile, plan: TilePlan, requests: Sequence[Request],
     instances = _groundings(tile, plan, _in_mark_order(tile, requests), answer, objects, skipped)
     clusters = _groundings(tile, plan, _in_plan_order(plan, requests), answer, objects, skipped)
     return Groundings(scene, instances, clusters, dict(sorted(skipped.items())))
-
-
-def unbatch_marks(tile: Tile, plan: TilePlan, requests: Sequence[Request],
-                  responses: Sequence[Response]) -> tuple[list[Request], list[Response]]:
-    """Batched-marks requests and answers of a tile as the per-mark instance requests and
-    answers they bundle (the answer's text is the JSON list [{"mark": n, "description": ...}];
-    a mark it does not describe has no answer). Other requests and answers pass unchanged."""
-    from pipeline.stages.plan import mark_requests
-
-    batches = [r for r in requests if r.kind == "instance_batch" and r.tile_id == tile.tile_id]
-    if not batches:
-        return list(requests), list(responses)
-    answer = _answers(responses)
-    out_requests = [r for r in requests if r.kind != "instance_batch"]
-    out_responses = [r for r in responses if r.kind != "instance_batch"]
-    for batch in batches:
-        singles = [q for q in mark_requests(tile, plan, batch.prompt_version)
-                   if q.object_ids[0] in batch.object_ids]
-        out_requests.extend(singles)
-        resp = answer.get(batch.request_id)
-        if resp is None:
-            continue
-        described: dict[int, str] = {}
-        if resp.status == "ok":
-            try:
-                described = {int(m["mark"]): str(m["description"]) for m in json.loads(resp.text)}
-            except (ValueError, TypeError, KeyError):
-                described = {}
-        for q in singles:
-            if resp.status == "ok" and q.mark_number not in described:
-                continue
-            out_responses.append(resp.model_copy(update={
-                "request_id": q.request_id, "kind": "instance",
-                "text": described.get(q.mark_number, ""),
-                "usage": Usage(), "cost_usd": 0.0}))
-    return out_requests, out_responses
 
 
 def _answers(responses) -> dict[str, Response]:

@@ -25,11 +25,11 @@ from typing import Optional, Sequence
 import prompts
 from annotators.base import AnnotationContext, get_backend
 from pipeline.core.params import BackendParams, CacheParams, ComposeParams, Params
+from pipeline.core.requests import request_id
 from pipeline.core.validate import sanitize_fragment, validate_record
 from pipeline.geometry.categories import readable
 from pipeline.stages.compose.grounding import Grounding, Groundings, tile_provenance
 from pipeline.stages.compose.wording import cluster_name, where
-from pipeline.stages.plan import request_id
 from schemas import GroundedRecord, Phrase, Request, Response, Tile
 
 KIND = "compose"

@@ -13,11 +13,11 @@ from functools import partial
 from pathlib import Path
 from typing import Optional, Sequence
 
-from pipeline.core.errors import EmptyInputError, GeoPixelDError
+from pipeline.core.errors import GeoPixelDError
 from pipeline.core.failure_policy import check_compose
 from pipeline.core.params import CacheParams, ComposeParams, Params
-from pipeline.core.runner import map_shards
-from pipeline.core.shards import list_shards, read_records, staged_folder, write_json, write_records
+from pipeline.core.shards import read_records, write_records
+from pipeline.core.stage import Stage
 from pipeline.stages.compose.grounding import Groundings, tile_groundings, tile_provenance
 from pipeline.stages.compose.llm import compose_with_llm, draft
 from pipeline.stages.compose.wording import STAGE, compose
@@ -125,47 +125,43 @@ def run_compose(params: Params, tiles_dir: Path, plan_dir: Path, responses_dir: 
     and keep the previous `out_dir` (`pipeline.core.failure_policy`)."""
     tiles_dir, plan_dir = Path(tiles_dir), Path(plan_dir)
     responses_dir, out_dir = Path(responses_dir), Path(out_dir)
-    names = [p.name for p in list_shards(tiles_dir)]
-    if not names:
-        raise EmptyInputError("no tile shards to compose", tiles_dir)
+    names = [p.name for p in Stage.shards(tiles_dir, "no tile shards to compose")]
     for name in names:
         for what, path in _inputs(name, tiles_dir, plan_dir, responses_dir).items():
-            if not path.is_file():
-                raise EmptyInputError(f"missing {what} shard for tile shard {name} "
-                                      f"(run the earlier stages first)", path)
+            Stage.need(path, f"missing {what} shard for tile shard {name} (run the earlier "
+                       "stages first)")
 
-    llm_cache, local = None, params.runner.local_scheduler
+    llm_cache, local, holds_model = None, None, False
     if params.compose.composer == "llm":
         from annotators.base import get_backend, local_scheduler_for
         from pipeline.stages.compose.llm import composer_backend
 
         # set-up mistakes stop here, before any work
-        local = local_scheduler_for(
-            get_backend(composer_backend(params), cache=params.annotate.cache), local)
+        made = get_backend(composer_backend(params), cache=params.annotate.cache)
+        local = local_scheduler_for(made, params.runner.local_scheduler)
+        holds_model = made.loads_model
         # workers may run elsewhere: the cache path must not depend on their working folder
         llm_cache = params.annotate.cache.model_copy(
             update={"path": str(Path(params.annotate.cache.path).resolve())})
+    stage = Stage(STAGE, params, scheduler, local_scheduler=local, holds_model=holds_model)
 
-    with staged_folder(out_dir, stage="compose", inputs=[tiles_dir, plan_dir, responses_dir],
-                       count_key="records") as staging:
-        (staging / "dropped").mkdir()
+    with stage.output(out_dir, inputs=[tiles_dir, plan_dir, responses_dir],
+                      count_key="records") as out:
+        (out.folder / "dropped").mkdir()
         task = partial(compose_shard, params=params, tiles_dir=tiles_dir, plan_dir=plan_dir,
-                       responses_dir=responses_dir, staging=staging, llm_cache=llm_cache)
-        counts = map_shards(task, names, label=STAGE, scheduler=scheduler,
-                            local_scheduler=local, workers=params.runner.workers)
+                       responses_dir=responses_dir, staging=out.folder, llm_cache=llm_cache)
+        counts = stage.map(task, names)
         report = _report(counts)
         # too many tiles lost: raised here, the staged folder is dropped and out_dir kept
         check_compose(report, next((c["first_drop"] for c in counts if c.get("first_drop")),
                                    None), params.compose.max_dropped_share, out_dir)
         report["composer"] = params.compose.composer
         if params.compose.composer == "llm":
-            llm = Counter()
-            for c in counts:
-                llm.update(c["llm"])
+            llm = Stage.total(c["llm"] for c in counts)
             composed = llm.pop("composed", 0)
             report["llm"] = {"asked": composed + sum(llm.values()), "composed": composed,
                              "fallbacks": dict(sorted(llm.items()))}
-        write_json(staging / "report.json", report)
+        out.report = report
     return report
 
 
