@@ -9,6 +9,9 @@ ground is the share of each measured cover class.
 The thresholds below define the vocabulary (what "large", "in a row", "green vegetation" mean).
 They are part of the template model: changing one changes the words, so it should go with a new
 `annotate.backend.model` name (e.g. "template-v2").
+
+The scene a tile shows ("a bus or truck depot", "a port") and its hedged reading ("This could
+be a school bus yard.") come from SCENE_RULES, one table of evidence -> scene, at the end.
 """
 
 from __future__ import annotations
@@ -31,7 +34,10 @@ from schemas import Tile, TileMeasurements
 # --- colour names (OpenCV HSV: hue 0..179, saturation and value 0..255) ---------------------
 BLACK_MAX_VALUE = 50          # darker than this is black whatever the hue
 GREY_MAX_SATURATION = 45      # less saturated than this is white / grey
-DIM_GREY_MAX_SATURATION = 70  # ... and up to this when also dim (dark colours look grey)
+# ... and up to this when also dim (dark colours look grey). 55, not 70: the navy car at the
+# bottom left of P0003_0_800_0_800 (median RGB 50, 51, 65: saturation 59, value 65) is plainly
+# blue in the image; on the bundled samples no other object changes name.
+DIM_GREY_MAX_SATURATION = 55
 DIM_MAX_VALUE = 90
 WHITE_MIN_VALUE = 200
 LIGHT_GREY_MIN_VALUE = 150
@@ -550,3 +556,277 @@ def describe_group(measure: TileMeasure, object_ids: Sequence[int],
 def dominant_category(counts: Mapping[str, int]) -> str:
     """The category with the most objects (ties by name, for determinism)."""
     return min(counts, key=lambda c: (-counts[c], readable(c)))
+
+
+# =============================================================================================
+# Scene: what kind of place the tile shows, named from evidence
+#
+# The holistic answer opens with the scene and ends with a hedged reading of it ("This could be
+# ..."), as GeoPixelD's captions do. Both come from SCENE_RULES below: the first rule whose
+# evidence the tile shows names it. Evidence is only what plan measured: the ground-truth
+# categories and their counts (the category prior), how many of them stand side by side
+# (`paired_count`), their colour names and the ground-cover shares. A rule never names what its
+# evidence cannot show: no roads without a roundabout or a bridge, no water without a
+# water-bound category or water cover, and no vegetation at all (trees, grass, greenery) unless
+# green vegetation covers at least VEGETATION_MIN_SHARE of the ground (`vegetation_named`).
+
+SCENE_MIN_SHARE = 0.5          # a rule's objects are at least this share of the tile's objects
+SIDE_BY_SIDE_MIN_SHARE = 0.5   # ... and, for parking rules, this share stand side by side
+DEPOT_MIN_VEHICLES = 8         # large vehicles that make a depot or a yard
+PARKING_MIN_VEHICLES = 8       # small vehicles that make a parking lot
+TANK_FARM_MIN_TANKS = 3
+WATER_MIN_SHARE = 0.08         # water cover that lets a bridge cross water
+VEGETATION_MIN_SHARE = COVER_SECONDARY_MIN_SHARE  # green cover that may be named at all
+BUILT_MIN_SHARE = 0.4          # paved, pale or reddish (roof-like) cover of a residential area
+BUILT_COVER = ("grey paved surfaces", "bright pale surfaces", "reddish surfaces")
+YELLOWISH = ("yellow", "olive", "orange")   # school-bus colours under sun and shade
+SPORTS = ("ground_track_field", "soccer_ball_field", "baseball_diamond", "tennis_court",
+          "basketball_court")
+VEGETATION_WORDS = ("vegetation", "vegetated", "greenery", "green areas", "tree", "trees",
+                    "grass", "grassy", "lawn", "lawns", "foliage", "wooded", "woodland",
+                    "forest", "parkland", "leafy", "shrubs", "hedges")
+
+
+@dataclass(frozen=True)
+class SceneEvidence:
+    """What a scene may be named from, per category key: objects, objects standing side by side
+    with another of their category, colour names; and the ground-cover shares."""
+
+    counts: Mapping[str, int]
+    side_by_side: Mapping[str, int]
+    colours: Mapping[str, Mapping[str, int]]
+    cover: Mapping[str, float]
+    dominant_cover: str
+
+    @property
+    def total(self) -> int:
+        return sum(self.counts.values())
+
+
+@dataclass(frozen=True)
+class SceneRule:
+    """One row of SCENE_RULES: the evidence a scene needs, and its words.
+
+    The rule's objects are those of `categories`; it holds when there are at least
+    `min_objects` of them, of at least `min_kinds` categories, making at least `min_share` of
+    the tile's objects; each of `with_categories` is present; at least `min_side_by_side` of
+    them stand side by side; more than half are of a colour in `colours` (when given); each
+    (cover classes, least share) of `cover` holds; and the dominant cover is `dominant_cover`
+    (when given). `names` open the holistic answer ("an aerial view of <name>"); `readings`
+    close it, hedged ("This could be <reading>.")."""
+
+    key: str
+    names: tuple[str, ...]
+    readings: tuple[str, ...]
+    categories: tuple[str, ...] = ()
+    min_objects: int = 1
+    min_kinds: int = 1
+    min_share: float = 0.0
+    with_categories: tuple[str, ...] = ()
+    min_side_by_side: float = 0.0
+    colours: tuple[str, ...] = ()
+    cover: tuple[tuple[tuple[str, ...], float], ...] = ()
+    dominant_cover: str | None = None
+
+    def holds(self, ev: SceneEvidence) -> bool:
+        n = sum(ev.counts.get(c, 0) for c in self.categories)
+        if n < self.min_objects or (n and n < self.min_share * ev.total):
+            return False
+        if self.categories and sum(1 for c in self.categories
+                                   if ev.counts.get(c)) < self.min_kinds:
+            return False
+        if any(not ev.counts.get(c) for c in self.with_categories):
+            return False
+        if n and sum(ev.side_by_side.get(c, 0) for c in self.categories) < \
+                self.min_side_by_side * n:
+            return False
+        if self.colours and 2 * sum(ev.colours.get(c, {}).get(name, 0)
+                                    for c in self.categories for name in self.colours) <= n:
+            return False
+        if any(sum(ev.cover.get(k, 0.0) for k in classes) < least for classes, least in self.cover):
+            return False
+        return self.dominant_cover is None or self.dominant_cover == ev.dominant_cover
+
+
+def _rule(key: str, names: Sequence[str], readings: Sequence[str], **evidence) -> SceneRule:
+    return SceneRule(key, tuple(names), tuple(readings), **evidence)
+
+
+_WATER = (("water",), WATER_MIN_SHARE)
+_BUILT = (BUILT_COVER, BUILT_MIN_SHARE)
+_LARGE, _SMALL = ("large_vehicle",), ("small_vehicle",)
+
+# Evidence -> scene, first match wins (the most specific evidence first). Read as a table:
+#   key            | evidence                                                     | scene
+SCENE_RULES: tuple[SceneRule, ...] = (
+    # ships + harbour -> a port
+    _rule("port", ("a port", "a harbour with ships", "a port area"),
+          ("a commercial port or a marina", "part of a seaport or a river port",
+           "a working harbour where vessels berth"),
+          categories=("ship",), with_categories=("harbor",)),
+    # harbour structures alone -> a harbour
+    _rule("harbour", ("a harbour", "a waterfront with piers"),
+          ("a marina or a small port", "a harbour for boats and ships"),
+          categories=("harbor",)),
+    # ships -> waters with ships
+    _rule("waters", ("water with ships", "a stretch of water with ships"),
+          ("a shipping lane or an anchorage", "a waterway used by ships and boats"),
+          categories=("ship",)),
+    # two or more planes -> an airport apron; one -> part of an airfield
+    _rule("apron", ("an airport apron", "an apron with aircraft", "part of an airport"),
+          ("part of a commercial airport", "an airport's aircraft stands",
+           "the apron of a regional airport"),
+          categories=("plane",), min_objects=2),
+    _rule("airfield", ("part of an airfield", "an airfield with an aircraft"),
+          ("an airport or a small airfield", "a general aviation airfield"),
+          categories=("plane",)),
+    _rule("helicopters", ("a helicopter landing area", "an area with helicopters"),
+          ("a heliport or part of an airfield", "a base for helicopter flights"),
+          categories=("helicopter",)),
+    # pitches and courts of two kinds or more -> a sports complex; one kind -> its venue
+    _rule("sports", ("a sports complex", "a sports ground with pitches and courts"),
+          ("a school sports ground or a public recreation park",
+           "a recreational facility with courts and pitches"),
+          categories=SPORTS, min_kinds=2),
+    _rule("track", ("a sports ground with a running track", "an athletics ground"),
+          ("a school or a public sports ground", "a stadium for athletics and field sports"),
+          categories=("ground_track_field",)),
+    _rule("soccer", ("a soccer field", "a football pitch"),
+          ("a school or club sports field", "a public playing field"),
+          categories=("soccer_ball_field",)),
+    _rule("baseball", ("a baseball field", "a baseball ground"),
+          ("a community sports park", "a school or club baseball ground"),
+          categories=("baseball_diamond",)),
+    _rule("tennis", ("a tennis court complex", "a group of tennis courts"),
+          ("a recreational facility or a tennis club",
+           "a sports club or a professional training ground"),
+          categories=("tennis_court",), min_objects=2),
+    _rule("tennis_court", ("a tennis court", "a single tennis court"),
+          ("a private court or part of a sports club", "a recreational facility"),
+          categories=("tennis_court",)),
+    _rule("basketball", ("basketball courts", "a group of basketball courts"),
+          ("a school playground or a public park", "a community recreation area"),
+          categories=("basketball_court",), min_objects=2),
+    _rule("basketball_court", ("a basketball court", "a single basketball court"),
+          ("a school playground or a public park", "a community recreation area"),
+          categories=("basketball_court",)),
+    # roundabout -> a road junction; bridge over water cover -> a water crossing
+    _rule("roundabout", ("a road junction with a roundabout", "a roundabout junction"),
+          ("a junction where several roads meet", "part of a local road network"),
+          categories=("roundabout",)),
+    _rule("river_crossing", ("a bridge over water", "a water crossing"),
+          ("a road or rail crossing over a river or a canal", "a river crossing"),
+          categories=("bridge",), cover=(_WATER,)),
+    _rule("bridge", ("an elevated crossing", "a crossing point"),
+          ("an overpass or a crossing over a river or a railway",
+           "part of a road or rail link"),
+          categories=("bridge",)),
+    # storage tanks, most of the objects -> an industrial storage site
+    _rule("tank_farm", ("an industrial storage site", "a tank farm"),
+          ("an oil or chemical storage depot", "a fuel storage facility"),
+          categories=("storage_tank",), min_objects=TANK_FARM_MIN_TANKS,
+          min_share=SCENE_MIN_SHARE),
+    # swimming pools among roof-like and paved cover -> a residential area
+    _rule("residential", ("a residential area with swimming pools",
+                          "a neighbourhood with swimming pools"),
+          ("a suburban neighbourhood of houses with private pools",
+           "a residential district or a holiday resort"),
+          categories=("swimming_pool",), min_objects=2, cover=(_BUILT,)),
+    _rule("pools", ("an area with swimming pools", "a site with swimming pools"),
+          ("a residential area or a leisure facility", "a hotel or a private estate"),
+          categories=("swimming_pool",)),
+    # many large vehicles parked side by side -> a depot (yellow ones: school buses)
+    _rule("bus_depot", ("a bus depot", "a bus yard", "a vehicle depot", "a bus parking yard",
+                        "a depot for buses"),
+          ("a depot where school buses are parked", "a school bus yard",
+           "the yard of a school bus operator", "a school district's bus depot",
+           "where a fleet of school buses is kept"),
+          categories=_LARGE, min_objects=DEPOT_MIN_VEHICLES, min_share=SCENE_MIN_SHARE,
+          min_side_by_side=SIDE_BY_SIDE_MIN_SHARE, colours=YELLOWISH),
+    _rule("depot", ("a bus or truck depot", "a truck yard", "a vehicle depot", "a lorry park",
+                    "a heavy-vehicle depot", "a depot for trucks"),
+          ("a truck or trailer yard at a freight site", "a lorry park or a bus depot",
+           "a logistics yard for trailers", "a haulage company's depot",
+           "where trailers wait to be collected"),
+          categories=_LARGE, min_objects=DEPOT_MIN_VEHICLES, min_share=SCENE_MIN_SHARE,
+          min_side_by_side=SIDE_BY_SIDE_MIN_SHARE),
+    _rule("yard", ("an open yard with large vehicles", "a lot with large vehicles"),
+          ("a loading or freight yard", "a yard for trucks or buses"),
+          categories=_LARGE, min_objects=DEPOT_MIN_VEHICLES, min_share=SCENE_MIN_SHARE),
+    # many small vehicles parked side by side -> a parking lot
+    _rule("parking_lot", ("a parking lot", "a car park"),
+          ("a public car park", "the car park of a shopping or office area"),
+          categories=_SMALL, min_objects=PARKING_MIN_VEHICLES, min_share=SCENE_MIN_SHARE,
+          min_side_by_side=SIDE_BY_SIDE_MIN_SHARE),
+    _rule("parking_area", ("a parking area", "a parking area for cars and larger vehicles"),
+          ("a car and truck park", "the parking area of a business or a depot"),
+          categories=_LARGE + _SMALL, min_objects=PARKING_MIN_VEHICLES,
+          min_share=SCENE_MIN_SHARE, min_side_by_side=SIDE_BY_SIDE_MIN_SHARE),
+    _rule("vehicles", ("an area with vehicles", "a site with vehicles"),
+          ("part of a settled area where vehicles park or pass",
+           "a place where vehicles stop or pass through"),
+          categories=_LARGE + _SMALL, min_share=SCENE_MIN_SHARE),
+    # nothing above: the dominant ground cover names the scene
+    _rule("paved", ("a paved area", "an expanse of grey paving"),
+          ("part of a built-up area", "a paved yard or an open lot"),
+          min_objects=0, dominant_cover="grey paved surfaces"),
+    _rule("green", ("a green, vegetated area", "an area of greenery"),
+          ("parkland or farmland", "a rural or park landscape"),
+          min_objects=0, dominant_cover="green vegetation"),
+    _rule("water", ("open water", "an expanse of water"),
+          ("a lake, a river or the sea", "part of a large body of water"),
+          min_objects=0, dominant_cover="water"),
+    _rule("soil", ("bare brown ground", "an area of bare soil"),
+          ("farmland or a construction site", "open land cleared for building or farming"),
+          min_objects=0, dominant_cover="bare brown soil"),
+    _rule("sand", ("sandy ground", "a sandy area"),
+          ("a beach or a dry open area", "dry open land"),
+          min_objects=0, dominant_cover="light sandy ground"),
+    _rule("pale", ("an area of bright pale surfaces", "bright pale ground"),
+          ("rooftops or concrete yards", "a built-up area of pale rooftops and yards"),
+          min_objects=0, dominant_cover="bright pale surfaces"),
+    _rule("dark", ("dark ground", "a dark, shadowed area"),
+          ("shaded ground or dark water", "a shadowed part of a larger scene"),
+          min_objects=0, dominant_cover="dark areas"),
+    _rule("reddish", ("an area of reddish surfaces", "reddish ground"),
+          ("tiled rooftops or red earth", "an area of red roofs or bare red soil"),
+          min_objects=0, dominant_cover="reddish surfaces"),
+)
+
+
+def scene_evidence(measure: TileMeasure) -> SceneEvidence:
+    """The evidence SCENE_RULES weigh, from a tile's measurements."""
+    counts: dict[str, int] = {}
+    colours: dict[str, dict[str, int]] = {}
+    shapes: dict[str, list[Shape]] = {}
+    for o in measure.objects.values():
+        key = category_key(o.category)
+        counts[key] = counts.get(key, 0) + 1
+        colours.setdefault(key, {})[o.colour] = colours.get(key, {}).get(o.colour, 0) + 1
+        shapes.setdefault(key, []).append(o.shape)
+    cover = measure.cover()
+    return SceneEvidence(counts=counts,
+                         side_by_side={k: paired_count(v) for k, v in shapes.items()},
+                         colours=colours, cover=dict(cover.shares),
+                         dominant_cover=cover.dominant)
+
+
+def scene_rule(evidence: SceneEvidence) -> SceneRule:
+    """The first rule of SCENE_RULES the evidence satisfies (a cover rule always does)."""
+    return next(rule for rule in SCENE_RULES if rule.holds(evidence))
+
+
+def vegetation_named(cover: Mapping[str, float]) -> bool:
+    """Whether words of VEGETATION_WORDS may describe a tile with these cover shares."""
+    return cover.get("green vegetation", 0.0) >= VEGETATION_MIN_SHARE
+
+
+def cover_cells(m: TileMeasurements, name: str) -> dict[str, float]:
+    """Per 3x3 (grid) cell, the share of that cell's ground that is of cover class `name`."""
+    grid, names = m.grid, m.cover_classes
+    per_cell = np.asarray(m.ground_cover, dtype=np.int64).reshape(grid * grid, len(names))
+    ground = per_cell.sum(axis=1)
+    column = per_cell[:, names.index(name)] if name in names else np.zeros(grid * grid)
+    return {region_name(grid, grid, k // grid, k % grid):
+            (float(column[k]) / float(ground[k]) if ground[k] else 0.0)
+            for k in range(grid * grid)}

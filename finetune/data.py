@@ -7,9 +7,10 @@ front, images are read by row group when a sample is asked for, so memory stays 
 row group, not by the split. A GeoPixel list (`GeoPixelD.json`) is read with
 `pipeline.formats.geopixel_format.read_geopixel`.
 
-`Collator` turns samples into model inputs: the chat prompt (image + question) through the
-model's processor, the caption tokenised after it (labels only on the answer), the tile
-resized for SAM, and the target masks at tile size.
+`Collator` turns samples into model inputs: the chat prompt (image + the sample's instruction,
+or the fixed question) through the model's processor, the caption tokenised after it (labels
+only on the answer), the tile resized for SAM, and the target masks at tile size. Generation
+batches (`prompt_batch`) always ask the fixed question: evaluation asks every tile the same.
 """
 
 from __future__ import annotations
@@ -33,6 +34,8 @@ from schemas import RLE
 
 IGNORE_INDEX = -100
 EXPORT_COLUMNS = ("record_id", "split", "caption", "masks", "height", "width", "image")
+# read where a shard has it (exports before instructions existed do not)
+INSTRUCTION_COLUMN = "instruction"
 SEQUENCE_KEYS = ("input_ids", "attention_mask", "mm_token_type_ids", "token_type_ids")
 
 
@@ -44,6 +47,7 @@ class Sample(NamedTuple):
     image: np.ndarray  # H x W x 3 uint8 RGB
     caption: str
     masks: Sequence[RLE]
+    instruction: str = ""  # the record's human turn ("" = none: the fixed question)
 
 
 class _Entry(NamedTuple):
@@ -54,6 +58,7 @@ class _Entry(NamedTuple):
     split: str
     caption: str
     masks: list[RLE]
+    instruction: str
 
 
 class ParquetSamples(torch.utils.data.Dataset):
@@ -87,15 +92,16 @@ class ParquetSamples(torch.utils.data.Dataset):
         data = self._images(e.file, e.group)[e.row]
         where = f"{self.paths[e.file]} record {e.record_id}"
         image = decode_image(data, where, self.max_pixels)
-        return Sample(e.record_id, e.split, image, e.caption, e.masks)
+        return Sample(e.record_id, e.split, image, e.caption, e.masks, e.instruction)
 
     def fingerprint(self) -> str:
-        """Hash of the samples' ids, captions, masks and shard sizes (images not re-read)."""
+        """Hash of the samples' ids, captions, masks, instructions and shard sizes (images not
+        re-read)."""
         h = hashlib.sha256()
         for path in self.paths:
             h.update(f"{path.name}:{path.stat().st_size}".encode())
         for e in self.entries:
-            h.update(repr((e.record_id, e.split, e.caption, e.masks)).encode())
+            h.update(repr((e.record_id, e.split, e.caption, e.masks, e.instruction)).encode())
         return h.hexdigest()
 
     def __getstate__(self) -> dict:  # data loader workers start with an empty image cache
@@ -113,10 +119,12 @@ def _index_shard(file_index: int, path: Path) -> list[_Entry]:
     missing = [c for c in EXPORT_COLUMNS if c not in pfile.schema_arrow.names]
     if missing:
         raise BadRecordError(f"not an export shard: no column(s) {missing}", path)
+    columns = [c for c in EXPORT_COLUMNS if c != "image"]
+    if INSTRUCTION_COLUMN in pfile.schema_arrow.names:
+        columns.append(INSTRUCTION_COLUMN)
     entries = []
     for group in range(pfile.num_row_groups):
-        rows = pfile.read_row_group(group, columns=[c for c in EXPORT_COLUMNS
-                                                    if c != "image"]).to_pylist()
+        rows = pfile.read_row_group(group, columns=columns).to_pylist()
         for row_index, row in enumerate(rows):
             rles = [RLE(**m) for m in row["masks"]]
             if row["caption"].count(SEG) != len(rles):
@@ -127,7 +135,7 @@ def _index_shard(file_index: int, path: Path) -> list[_Entry]:
                     raise BadRecordError(f"record {row['record_id']}: mask of size {rle.size}, "
                                          f"tile is {[row['height'], row['width']]}", path)
             entries.append(_Entry(file_index, group, row_index, row["record_id"], row["split"],
-                                  row["caption"], rles))
+                                  row["caption"], rles, row.get(INSTRUCTION_COLUMN) or ""))
     return entries
 
 
@@ -200,7 +208,7 @@ class Collator:
     """Samples -> model inputs (picklable, so data loader workers can run it)."""
 
     def __init__(self, processor: Any, seg_token: str, question: str, sam_image_size: int,
-                 max_answer_tokens: int):
+                 max_answer_tokens: int, record_instructions: bool = False):
         self.processor = processor
         self.tokenizer = processor.tokenizer
         self.seg_token = seg_token
@@ -208,32 +216,49 @@ class Collator:
         if self.seg_id is None or self.seg_id == self.tokenizer.unk_token_id:
             raise BadParamsError(f"the tokenizer has no {seg_token!r} token (add it first)")
         self.question = question
+        self.record_instructions = record_instructions
         self.sam_image_size = sam_image_size
         self.max_answer_tokens = max_answer_tokens
         self.pad_id = (self.tokenizer.pad_token_id if self.tokenizer.pad_token_id is not None
                        else self.tokenizer.eos_token_id)
-        self.prompt_text = self._render(None)
+        self._prompts: dict[str, str] = {}
 
-    def _render(self, caption: str | None) -> str:
+    def _render(self, question: str, caption: str | None) -> str:
         messages = [{"role": "user", "content": [{"type": "image"},
-                                                 {"type": "text", "text": self.question}]}]
+                                                 {"type": "text", "text": question}]}]
         if caption is not None:
             messages.append({"role": "assistant",
                              "content": [{"type": "text", "text": caption}]})
         return self.processor.apply_chat_template(messages, tokenize=False,
                                                   add_generation_prompt=caption is None)
 
-    def answer_text(self, caption: str) -> str:
+    def question_of(self, sample: Sample) -> str:
+        """What the user turn asks of `sample`: its own instruction (with
+        `record_instructions`, where it has one), else the fixed question."""
+        return (sample.instruction if self.record_instructions and sample.instruction
+                else self.question)
+
+    def prompt_text(self, question: str | None = None) -> str:
+        """The rendered prompt, up to the assistant's turn (the fixed question by default)."""
+        question = self.question if question is None else question
+        if question not in self._prompts:
+            self._prompts[question] = self._render(question, None)
+        return self._prompts[question]
+
+    def answer_text(self, caption: str, question: str | None = None) -> str:
         """The caption as the chat template closes the assistant's turn (end marker included)."""
-        full = self._render(caption)
-        if not full.startswith(self.prompt_text) or caption not in full:
+        question = self.question if question is None else question
+        prompt, full = self.prompt_text(question), self._render(question, caption)
+        if not full.startswith(prompt) or caption not in full:
             raise BadParamsError("the processor's chat template does not render the answer "
                                  "right after the generation prompt")
-        return full[len(self.prompt_text):]
+        return full[len(prompt):]
 
-    def prompt_inputs(self, image: np.ndarray) -> dict[str, torch.Tensor]:
+    def prompt_inputs(self, image: np.ndarray,
+                      question: str | None = None) -> dict[str, torch.Tensor]:
         """The processor's tensors for the prompt (image + question) of one sample."""
-        return dict(self.processor(text=[self.prompt_text], images=[image], return_tensors="pt"))
+        return dict(self.processor(text=[self.prompt_text(question)], images=[image],
+                                   return_tensors="pt"))
 
     def sam_image(self, image: np.ndarray) -> tuple[torch.Tensor, tuple[int, int]]:
         """The tile resized so its long side is SAM's img_size (3 x h x w uint8), and (h, w)."""
@@ -270,8 +295,9 @@ class Collator:
         prompts, answers, labels, targets = [], [], [], []
         sam_images, resized, tiles = [], [], []
         for s in samples:
-            prompt = self.prompt_inputs(s.image)
-            ids = self.tokenizer(self.answer_text(s.caption), add_special_tokens=False,
+            question = self.question_of(s)
+            prompt = self.prompt_inputs(s.image, question)
+            ids = self.tokenizer(self.answer_text(s.caption, question), add_special_tokens=False,
                                  return_tensors="pt")["input_ids"][0][:self.max_answer_tokens]
             kept = int((ids == self.seg_id).sum())
             n_prompt = prompt["input_ids"].shape[1]

@@ -4,9 +4,10 @@ GeoPixel reports RS-GCG with GLaMM's GCG evaluation (`eval/gcg/evaluate.py` in
 mbzuai-oryx/groundingLMM); this module computes the same figures from our GroundedRecord shards
 and a predictions file, without GLaMM's intermediate COCO files.
 
-Ground truth: one `GTItem(record_id, caption, [(phrase_text, RLE), ...])` per record, the i-th
-pair being the i-th grounded phrase and the mask its [SEG] owns (`load_ground_truth` reads them
-from `build/records` shards).
+Ground truth: one `GTItem(record_id, caption, [(phrase_text, RLE), ...], targets)` per record,
+the i-th pair being the i-th grounded phrase and the mask its [SEG] owns, `targets[i]` the number
+of object instances it grounds (`len(object_ids)`; `load_ground_truth` and
+`load_split_ground_truth` read them from record or export shards).
 
 Predictions file: a JSON array with one object per evaluated image, GLaMM's per-image result:
 
@@ -38,6 +39,28 @@ Metrics (every figure is over the whole split):
 - cider, meteor: pycocoevalcap (PTB tokenizer; both need Java), one reference per image.
   `None` when they could not be computed; `skipped` then says why.
 
+Uni-target / multi-target split (GeoPixel's Table 2 reports AP50, mIoU and Recall for both and
+Overall; CIDEr and METEOR once, per caption): a ground-truth phrase is uni-target when it grounds
+one object instance, multi-target when it grounds more. The top-level figures above are Overall;
+`uni_target` and `multi_target` hold ap50, miou, miou_glamm, recall, recall_glamm (None for a
+subset without phrases), `phrases` (its ground-truth phrases), `images` (images with one) and
+`ignored_pred_masks` (predicted masks left out of its AP50, below). Predictions carry no object
+counts, so they are not split; instead:
+- miou, recall (and the GLaMM variants): each ground-truth phrase keeps the prediction it got in
+  the Overall matching above, which pairs all of an image's ground truth with all of its
+  predictions; a subset's figure is over its own phrases (miou_glamm: over the images that have
+  one). A prediction thus counts for at most one phrase, and Overall miou and recall are the
+  phrase-weighted means of the two subsets'.
+- ap50: COCOeval with the subset's ground-truth annotations only, over every image. A predicted
+  mask whose highest-IoU ground-truth mask belongs to the other subset only (a tie keeps it) is
+  left out, so a mask aimed at a multi-target phrase, well placed or not, is no false positive of
+  the uni-target AP50, and the other way round; a mask overlapping no ground truth is a false
+  positive of both.
+Where the instance count is unknown (`targets` None, or a phrase with no object ids), it is the
+number of 8-connected components of the phrase's mask, as `read_geopixel` counts instances of an
+RLE mask; `counts.targets_from_masks` says for how many phrases (touching instances merge, so
+this undercounts multi-target phrases).
+
 Text similarity is the cosine of mean-pooled `bert-base-uncased` token embeddings
 (`BertMeanPoolEncoder`, needs the `[train]` extra and the weights); figures comparable to
 GeoPixel's need it. `BagOfWordsEncoder` is a dependency-free stand-in for tests and offline use.
@@ -51,9 +74,11 @@ import logging
 import re
 import shutil
 import zlib
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, NamedTuple, Protocol, Sequence
 
+import cv2
 import numpy as np
 from pycocotools import mask as mask_utils
 from pycocotools.coco import COCO
@@ -72,17 +97,25 @@ TEXT_THRESHOLD = 0.5  # GLaMM's text_sim_threshold
 IOU_THRESHOLD = 0.5  # GLaMM's iou_threshold
 PHRASE_CATEGORY_ID = 1  # the single class every grounded phrase belongs to
 CAPTION_METRICS = ("cider", "meteor")
+UNI_TARGET = "uni_target"  # phrases grounding one object instance
+MULTI_TARGET = "multi_target"  # phrases grounding several
+TARGET_SUBSETS = (UNI_TARGET, MULTI_TARGET)
 
 _TAG_RE = re.compile(r"<.*?>")
 _WORD_RE = re.compile(r"[a-z0-9]+")
 
 
 class GTItem(NamedTuple):
-    """One ground-truth record: caption, then its grounded phrases and masks in [SEG] order."""
+    """One ground-truth record: caption, then its grounded phrases and masks in [SEG] order.
+
+    `targets[i]`: object instances the i-th phrase grounds (it is uni-target when <= 1). Where
+    `targets`, or one entry of it, is None, the connected components of the mask are counted.
+    """
 
     record_id: str
     caption: str
     phrases: Sequence[tuple[str, RLE]]
+    targets: Sequence[int | None] | None = None
 
 
 class PredItem(NamedTuple):
@@ -176,7 +209,28 @@ def plain_caption(text: str) -> str:
 
 def ground_truth_item(record: GroundedRecord) -> GTItem:
     """A GroundedRecord as evaluation ground truth."""
-    return GTItem(record.record_id, record.caption, [(p.text, p.mask) for p in record.phrases])
+    return GTItem(record.record_id, record.caption, [(p.text, p.mask) for p in record.phrases],
+                  [len(p.object_ids) or None for p in record.phrases])
+
+
+def mask_components(rle: RLE) -> int:
+    """8-connected components of a mask: the instance count of a phrase that names none."""
+    crop, _, _ = masks.decode_crop(rle)
+    if not crop.size:
+        return 0
+    return int(cv2.connectedComponents(crop, connectivity=8)[0]) - 1
+
+
+def phrase_subsets(item: GTItem) -> tuple[list[str], int]:
+    """Each phrase's subset (uni- or multi-target), and how many counts came from the masks."""
+    targets = list(item.targets) if item.targets is not None else [None] * len(item.phrases)
+    if len(targets) != len(item.phrases):
+        raise BadAnnotationError(f"record {item.record_id!r}: {len(targets)} target counts for "
+                                 f"{len(item.phrases)} phrases")
+    counted = [t if t is not None else mask_components(rle)
+               for t, (_, rle) in zip(targets, item.phrases)]
+    return ([MULTI_TARGET if n > 1 else UNI_TARGET for n in counted],
+            sum(t is None for t in targets))
 
 
 def load_ground_truth(records_dir: Path, split: str) -> list[GTItem]:
@@ -261,33 +315,39 @@ def greedy_pairs(scores: np.ndarray, admissible: np.ndarray) -> list[tuple[int, 
 
 
 def _glamm_recall_matches(ious: np.ndarray, sims: np.ndarray, iou_threshold: float,
-                          text_threshold: float) -> int:
-    """GLaMM's `find_best_matches`: greedy by IoU, stopping at the first non-admissible pair."""
+                          text_threshold: float) -> list[int]:
+    """GLaMM's `find_best_matches`: greedy by IoU, stopping at the first non-admissible pair.
+
+    Returns the matched ground-truth rows.
+    """
     ious, sims = ious.copy(), sims.copy()
-    matched = 0
+    matched = []
     while ious.size:
         row, col = np.unravel_index(np.argmax(ious), ious.shape)
         if ious[row, col] < iou_threshold or sims[row, col] < text_threshold:
             break
-        matched += 1
+        matched.append(int(row))
         ious[row, :] = ious[:, col] = 0
         sims[row, :] = sims[:, col] = 0
     return matched
 
 
-def _ap50(ground_truth: Sequence[GTItem], predictions: dict[str, PredItem]) -> float:
-    """COCO mask AP at IoU 0.5, one class, all scores 1.0 (GLaMM's `COCOeval(..., "segm")`)."""
+def _ap50(images_masks: Sequence[tuple[Sequence[RLE], Sequence[RLE]]]) -> float:
+    """COCO mask AP at IoU 0.5, one class, all scores 1.0 (GLaMM's `COCOeval(..., "segm")`).
+
+    One (ground-truth masks, predicted masks) pair per image.
+    """
     images, gt_anns, results = [], [], []
-    for image_id, item in enumerate(ground_truth, start=1):
-        height, width = item.phrases[0][1].size if item.phrases else (1, 1)
+    for image_id, (gt_rles, pred_rles) in enumerate(images_masks, start=1):
+        sized = [*gt_rles, *pred_rles]
+        height, width = sized[0].size if sized else (1, 1)
         images.append({"id": image_id, "height": height, "width": width})
-        for _, rle in item.phrases:
+        for rle in gt_rles:
             gt_anns.append({"id": len(gt_anns) + 1, "image_id": image_id,
                             "category_id": PHRASE_CATEGORY_ID, "iscrowd": 0,
                             "segmentation": masks.to_coco(rle), "area": masks.area(rle),
                             "bbox": masks.bbox(rle)})
-        pred = predictions.get(item.record_id)
-        for rle in pred.masks if pred else []:
+        for rle in pred_rles:
             results.append({"image_id": image_id, "category_id": PHRASE_CATEGORY_ID,
                             "segmentation": masks.to_coco(rle), "score": 1.0})
     if not results:
@@ -331,6 +391,47 @@ def score_captions(references: dict[str, str], candidates: dict[str, str]
     return scores, skipped
 
 
+@dataclass
+class _PhraseTally:
+    """Running mIoU and Recall sums over one set of ground-truth phrases (all, or a subset)."""
+
+    phrases: int = 0
+    images: int = 0
+    iou_sum: float = 0.0
+    matched: int = 0
+    glamm_matched: int = 0
+    glamm_image_mious: list[float] = field(default_factory=list)
+
+    def add_image(self, rows: Sequence[int], gt_ious: np.ndarray, matched: set[int],
+                  glamm_matched: set[int]) -> None:
+        """One image's phrases `rows`, with the IoU each got in the image's pairing (0 unpaired)."""
+        ious = [float(gt_ious[r]) for r in rows]
+        paired = [v for v in ious if v > 0]  # pairs are taken among IoU > 0 only
+        self.phrases += len(rows)
+        self.images += 1
+        self.iou_sum += sum(ious)
+        self.matched += len(matched.intersection(rows))
+        self.glamm_matched += len(glamm_matched.intersection(rows))
+        self.glamm_image_mious.append(float(np.mean(paired)) if paired else 0.0)
+
+    def figures(self) -> dict[str, float | None]:
+        n = self.phrases
+        return {"miou": self.iou_sum / n if n else None,
+                "miou_glamm": (float(np.mean(self.glamm_image_mious))
+                               if self.glamm_image_mious else None),
+                "recall": self.matched / n if n else None,
+                "recall_glamm": self.glamm_matched / n if n else None}
+
+
+def _prediction_owners(ious: np.ndarray, subsets: Sequence[str]) -> list[set[str]]:
+    """Per predicted mask, the subsets of its highest-IoU ground-truth masks (empty: none)."""
+    owners = []
+    for col in ious.T:
+        best = col.max() if col.size else 0.0
+        owners.append({subsets[r] for r in np.flatnonzero(col == best)} if best > 0 else set())
+    return owners
+
+
 def evaluate_gcg(ground_truth: Sequence[GTItem], predictions: Sequence[PredItem],
                  encoder: TextEncoder, text_threshold: float = TEXT_THRESHOLD,
                  iou_threshold: float = IOU_THRESHOLD, captions: bool = True) -> dict:
@@ -338,7 +439,8 @@ def evaluate_gcg(ground_truth: Sequence[GTItem], predictions: Sequence[PredItem]
 
     Ground-truth images without a prediction count as an empty prediction (no masks, empty
     caption); predictions for images not in the ground truth are ignored and counted.
-    `captions=False` skips CIDEr/METEOR (they start Java).
+    `captions=False` skips CIDEr/METEOR (they start Java). The top-level figures are Overall;
+    `uni_target` and `multi_target` split them by the phrases' instance counts.
     """
     ground_truth = [GTItem(*item) for item in ground_truth]
     predictions = [PredItem(*item) for item in predictions]
@@ -353,9 +455,11 @@ def evaluate_gcg(ground_truth: Sequence[GTItem], predictions: Sequence[PredItem]
 
     counts = {"images": len(ground_truth), "gt_phrases": 0, "pred_phrases": 0, "pred_masks": 0,
               "matched": 0, "missing_predictions": 0, "unknown_predictions": 0,
-              "unaligned_predictions": 0}
+              "unaligned_predictions": 0, "targets_from_masks": 0}
     counts["unknown_predictions"] = len(set(by_id) - set(gt_ids))
-    paired_iou_sum, glamm_image_mious, glamm_matched = 0.0, [], 0
+    overall = _PhraseTally()
+    by_subset = {name: _PhraseTally() for name in TARGET_SUBSETS}
+    ap_images: list[tuple[list[RLE], list[str], list[RLE], list[set[str]]]] = []
     for item in ground_truth:
         pred = by_id.get(item.record_id)
         if pred is None:
@@ -367,7 +471,8 @@ def evaluate_gcg(ground_truth: Sequence[GTItem], predictions: Sequence[PredItem]
         if len(sizes) > 1:
             raise BadMaskError(f"image {item.record_id!r}: masks of different sizes "
                                f"{sorted(sizes)}")
-        counts["gt_phrases"] += len(gt_texts)
+        subsets, from_masks = phrase_subsets(item)
+        counts["targets_from_masks"] += from_masks
         counts["pred_phrases"] += len(pred.phrases)
         counts["pred_masks"] += len(pred.masks)
         if len(pred.phrases) != len(pred.masks):
@@ -375,32 +480,50 @@ def evaluate_gcg(ground_truth: Sequence[GTItem], predictions: Sequence[PredItem]
 
         ious = _iou_matrix(gt_rles, pred.masks)
         # GLaMM's mIoU matrix is predictions x ground truth: the same pairs, same tie-breaking
-        paired = [ious.T[r, c] for r, c in greedy_pairs(ious.T, ious.T > 0)]
-        paired_iou_sum += float(sum(paired))
-        glamm_image_mious.append(float(np.mean(paired)) if paired else 0.0)
+        gt_ious = np.zeros(len(gt_rles))
+        for r, c in greedy_pairs(ious.T, ious.T > 0):
+            gt_ious[c] = ious.T[r, c]
 
+        matched: set[int] = set()
+        glamm_matched: set[int] = set()
         n_text = min(len(pred.phrases), len(pred.masks))  # i-th phrase owns i-th mask
         if gt_texts and n_text:
             sims = encoder.encode(gt_texts) @ encoder.encode(list(pred.phrases[:n_text])).T
             text_ious = ious[:, :n_text]
             admissible = (text_ious >= iou_threshold) & (sims >= text_threshold)
-            counts["matched"] += len(greedy_pairs(text_ious, admissible))
-            glamm_matched += _glamm_recall_matches(text_ious, sims, iou_threshold, text_threshold)
+            matched = {r for r, _ in greedy_pairs(text_ious, admissible)}
+            glamm_matched = set(_glamm_recall_matches(text_ious, sims, iou_threshold,
+                                                      text_threshold))
+
+        overall.add_image(range(len(gt_rles)), gt_ious, matched, glamm_matched)
+        for name, tally in by_subset.items():
+            rows = [r for r, subset in enumerate(subsets) if subset == name]
+            if rows:
+                tally.add_image(rows, gt_ious, matched, glamm_matched)
+        ap_images.append((gt_rles, subsets, list(pred.masks), _prediction_owners(ious, subsets)))
 
     if counts["unknown_predictions"]:
         log.warning("%d predictions name images that are not in the ground truth",
                     counts["unknown_predictions"])
-    n_gt = counts["gt_phrases"]
+    counts["gt_phrases"], counts["matched"] = overall.phrases, overall.matched
+    n_gt = overall.phrases
     result: dict[str, Any] = {
-        "ap50": _ap50(ground_truth, by_id) if n_gt else None,
-        "miou": paired_iou_sum / n_gt if n_gt else None,
-        "miou_glamm": float(np.mean(glamm_image_mious)) if glamm_image_mious else None,
-        "recall": counts["matched"] / n_gt if n_gt else None,
-        "recall_glamm": glamm_matched / n_gt if n_gt else None,
+        "ap50": _ap50([(gt, pred) for gt, _, pred, _ in ap_images]) if n_gt else None,
+        **overall.figures(),
         "text_encoder": getattr(encoder, "name", type(encoder).__name__),
         "text_threshold": text_threshold,
         "iou_threshold": iou_threshold,
     }
+    for name, tally in by_subset.items():
+        subset_images, ignored = [], 0
+        for gt_rles, subsets, pred_rles, owners in ap_images:
+            kept = [rle for rle, owner in zip(pred_rles, owners) if not owner or name in owner]
+            ignored += len(pred_rles) - len(kept)
+            subset_images.append(([rle for rle, subset in zip(gt_rles, subsets)
+                                   if subset == name], kept))
+        result[name] = {"ap50": _ap50(subset_images) if tally.phrases else None,
+                        **tally.figures(), "phrases": tally.phrases, "images": tally.images,
+                        "ignored_pred_masks": ignored}
     if captions and ground_truth:
         references = {item.record_id: plain_caption(item.caption) for item in ground_truth}
         candidates = {k: plain_caption(by_id[k].caption) if k in by_id else "" for k in references}
@@ -438,10 +561,14 @@ def run_evaluate(records_dir: Path, split: str, predictions_path: Path, out_path
 # The `evaluate` stage: a checkpoint's predictions (or a given predictions file) -> DVC metrics
 
 EXPORT_GT_COLUMNS = ["record_id", "split", "caption", "phrases", "masks"]
+EXPORT_TARGET_COLUMN = "object_ids"  # optional: without it, instances are counted on the masks
 
 
 def load_split_ground_truth(records_dir: Path, split: str) -> list[GTItem]:
-    """Ground truth of one split from GroundedRecord shards or from export Parquet shards."""
+    """Ground truth of one split from GroundedRecord shards or from export Parquet shards.
+
+    Each phrase's instance count is `len(object_ids)` (None where a shard has no object ids).
+    """
     import pyarrow.parquet as pq
 
     records_dir = Path(records_dir)
@@ -452,13 +579,23 @@ def load_split_ground_truth(records_dir: Path, split: str) -> list[GTItem]:
         return load_ground_truth(records_dir, split)
     items = []
     for shard in shards:
-        for row in pq.read_table(shard, columns=EXPORT_GT_COLUMNS).to_pylist():
+        columns = list(EXPORT_GT_COLUMNS)
+        if EXPORT_TARGET_COLUMN in pq.ParquetFile(shard).schema_arrow.names:
+            columns.append(EXPORT_TARGET_COLUMN)
+        for row in pq.read_table(shard, columns=columns).to_pylist():
             if len(row["phrases"]) != len(row["masks"]):
                 raise BadAnnotationError(f"record {row['record_id']}: {len(row['phrases'])} "
                                          f"phrases but {len(row['masks'])} masks", path=shard)
+            object_ids = row.get(EXPORT_TARGET_COLUMN)
+            if object_ids is not None and len(object_ids) != len(row["phrases"]):
+                raise BadAnnotationError(f"record {row['record_id']}: {len(row['phrases'])} "
+                                         f"phrases but {len(object_ids)} object id lists",
+                                         path=shard)
             items.append(GTItem(row["record_id"], row["caption"],
                                 [(text, RLE(**m)) for text, m in zip(row["phrases"],
-                                                                     row["masks"])]))
+                                                                     row["masks"])],
+                                [len(ids) or None if ids is not None else None
+                                 for ids in object_ids] if object_ids is not None else None))
     return items
 
 

@@ -199,7 +199,7 @@ def train(model: GeoPixelModel, processor: Any, spec: ModelSpec, samples: Any,
     n = len(samples)
     total = total_steps(n, ft)
     collator = Collator(processor, spec.seg_token, spec.question, model.sam_image_size,
-                        spec.max_answer_tokens)
+                        spec.max_answer_tokens, record_instructions=ft.record_instructions)
     trainable = [p for p in model.parameters() if p.requires_grad]
     optimizer = torch.optim.AdamW(trainable, lr=ft.lr, weight_decay=ft.weight_decay)
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer,

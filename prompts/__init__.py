@@ -2,13 +2,19 @@
 
 A prompt change is a new version folder: old versions stay so that records keep naming the exact
 text they were made with. Templates use `str.format` fields.
+
+The grounded-description instructions (the human turn of an exported record) are versioned
+lists, `instructions/<version>.txt`, one instruction a line; `pick_instruction` gives each
+record one of them, the same one on every run.
 """
 
 from __future__ import annotations
 
+import hashlib
 import string
 from functools import lru_cache
 from importlib import resources
+from typing import NamedTuple
 
 from pipeline.core.errors import BadParamsError
 from schemas import PASSES
@@ -58,3 +64,63 @@ def _versions() -> tuple[str, ...]:
 def versions() -> list[str]:
     """The prompt versions: the folders v* of this package."""
     return list(_versions())
+
+
+# ---------------------------------------------------------------------------------------------
+# Grounded-description instructions
+
+INSTRUCTIONS = "instructions"
+
+
+class Instruction(NamedTuple):
+    """An instruction and its id: "<list version>/<n>" (n counts from 01 in its list), or
+    "custom" for a text given as a parameter."""
+
+    id: str
+    text: str
+
+
+@lru_cache(maxsize=1)
+def _instruction_versions() -> tuple[str, ...]:
+    folder = resources.files(__name__).joinpath(INSTRUCTIONS)
+    return tuple(sorted(p.name.removesuffix(".txt") for p in folder.iterdir()
+                        if p.is_file() and p.name.startswith("v") and p.name.endswith(".txt")))
+
+
+def instruction_versions() -> list[str]:
+    """The instruction list versions: the files instructions/v*.txt of this package."""
+    return list(_instruction_versions())
+
+
+@lru_cache(maxsize=None)
+def instructions(version: str = "v1") -> tuple[str, ...]:
+    """The instructions of a list version, in file order (comment and blank lines left out)."""
+    if version not in _instruction_versions():
+        raise UnknownPromptVersion(f"instruction list {version!r} not found; available: "
+                                   f"{', '.join(_instruction_versions())} "
+                                   f"(prompts/{INSTRUCTIONS}/*.txt)")
+    text = resources.files(__name__).joinpath(INSTRUCTIONS, f"{version}.txt").read_text(
+        encoding="utf-8")
+    found = tuple(line.strip() for line in text.splitlines()
+                  if line.strip() and not line.lstrip().startswith("#"))
+    if not found:
+        raise UnknownPromptVersion(f"instruction list {version!r} holds no instruction")
+    return found
+
+
+def numbered_instruction(number: int, version: str = "v1") -> Instruction:
+    """Instruction `number` (1-based) of a list version."""
+    texts = instructions(version)
+    if not 1 <= number <= len(texts):
+        raise KeyError(f"instruction list {version!r} has instructions 1 to {len(texts)}, "
+                       f"not {number}")
+    return Instruction(f"{version}/{number:02d}", texts[number - 1])
+
+
+def pick_instruction(record_id: str, version: str = "v1") -> Instruction:
+    """The instruction of a record: chosen from the list by the sha256 of its id, so the same
+    record gets the same instruction on every run and machine (never Python's `hash()`,
+    which is salted per process), and a set of records spreads over the whole list."""
+    digest = hashlib.sha256(record_id.encode("utf-8")).digest()
+    return numbered_instruction(int.from_bytes(digest[:8], "big") % len(instructions(version))
+                                + 1, version)

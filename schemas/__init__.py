@@ -7,6 +7,9 @@ from schemas.records import (
     RLE,
     SCHEMA_VERSION,
     SEG,
+    CheckedClaim,
+    ClaimType,
+    ClaimVerdict,
     Cluster,
     DroppedRecord,
     GroundedRecord,
@@ -31,7 +34,8 @@ from schemas.records import (
 )
 
 __all__ = [
-    "PASSES", "PHRASE_CLOSE", "PHRASE_OPEN", "RLE", "SCHEMA_VERSION", "SEG", "Cluster", "DroppedRecord", "GroundedRecord", "Mark",
+    "PASSES", "PHRASE_CLOSE", "PHRASE_OPEN", "RLE", "SCHEMA_VERSION", "SEG", "CheckedClaim", "ClaimType",
+    "ClaimVerdict", "Cluster", "DroppedRecord", "GroundedRecord", "Mark",
     "ObjectInstance", "ObjectMeasurement", "Phrase", "Provenance", "Record", "Request",
     "RequestKind", "Response", "ReviewDecision", "ReviewDecisionKind", "ReviewStatus",
     "Tile", "TileMeasurements", "TilePlan", "Usage", "Window", "arrow_schema",

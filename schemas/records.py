@@ -14,7 +14,7 @@ from typing import Annotated, Literal, Optional, Union, get_args, get_origin
 import pyarrow as pa
 from pydantic import BaseModel, ConfigDict, Field
 
-SCHEMA_VERSION = "1.1"  # 1.1: TilePlan.measurements
+SCHEMA_VERSION = "1.2"  # 1.1: TilePlan.measurements; 1.2: ObjectInstance.category_id
 
 # The three annotation passes, in the order the paragraph is composed (one definition: every
 # stage, the CLI and the prompts use it).
@@ -25,6 +25,8 @@ PHRASE_OPEN, PHRASE_CLOSE, SEG = "<p>", "</p>", "[SEG]"
 RequestKind = Literal["holistic", "instance", "cluster", "instance_batch", "compose"]
 PhraseKind = Literal["instance", "cluster"]
 ResponseStatus = Literal["ok", "failed"]
+ClaimType = Literal["position", "count", "category", "colour", "size"]
+ClaimVerdict = Literal["agree", "disagree"]
 
 
 class Record(BaseModel):
@@ -62,6 +64,9 @@ class ObjectInstance(Record):
 
     object_id: int = Field(description="instance id in the source (iSAID: R + 256 G + 65536 B)")
     category: str = Field(description="source category name, e.g. 'Small_Vehicle'")
+    category_id: Optional[int] = Field(
+        default=None, description="the source's own id of the category (iSAID's label id, a "
+        "COCO file's category id, a GeoJSON integer class); None where the source has none")
     bbox: list[float] = Field(min_length=4, max_length=4, description="COCO [x, y, w, h]")
     area: int = Field(ge=0, description="pixel count inside the tile")
     mask: RLE
@@ -256,6 +261,22 @@ class DroppedRecord(Record):
     stage: str
     reason: str
     detail: str = ""
+
+
+class CheckedClaim(Record):
+    """One statement of a record's caption about one of its grounded phrases, checked against
+    the phrase's masks and the tile's measurements (`pipeline.geometry.claims`; the qa stage
+    stores them in `claims.parquet`, the review notebook reads them)."""
+
+    record_id: str
+    tile_id: str
+    split: str
+    phrase: int = Field(ge=0, description="the phrase's index ([SEG] order)")
+    phrase_text: str
+    type: ClaimType
+    words: str = Field(description="the caption's words that make the claim")
+    expected: str = Field(description="what the masks and measurements say")
+    verdict: ClaimVerdict
 
 
 # ---------------------------------------------------------------------------------------------

@@ -127,7 +127,7 @@ def test_stage_writes_responses_in_request_order(inputs, tmp_path, kind):
     assert report["requests"] == len(requests[kind])
     assert report["ok"] == len(requests[kind]) - expected_failed
     assert report["failed"] == expected_failed
-    assert report["by_backend"] == {"template/template-v1": {
+    assert report["by_backend"] == {"template/template-v2": {
         "requests": report["requests"], "ok": report["ok"], "failed": report["failed"]}}
     assert report["tokens"]["total"] == 0 and report["cost_usd"] == 0
     assert (out / "report.json").is_file()

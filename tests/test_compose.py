@@ -53,14 +53,15 @@ TEXTS = {
     1004: "The tennis court features the standard dimensions and markings.",
     "c1": "A few small vehicles are parked along the left edge.",
 }
+# The composer words positions several ways, chosen per tile (compose.seed, tile id): this is
+# the wording compose.seed 0 gives this tile.
 GOLDEN = (
     "The image is an aerial view of a tennis court complex. The courts are empty. "
-    "The <p> tennis court-1 </p> [SEG] at the right is a standard hard court with white "
+    "The <p> tennis court-1 </p> [SEG] toward the right is a standard hard court with white "
     "boundary lines. "
-    "The <p> tennis court-2 </p> [SEG] , <p> tennis court-3 </p> [SEG] , and "
-    "<p> tennis court-4 </p> [SEG] at the bottom right feature the standard dimensions and "
-    "markings. "
-    "At the left side, <p> a few small vehicles </p> [SEG] are parked along the left edge.")
+    "Toward the bottom right, the <p> tennis court-2 </p> [SEG] , <p> tennis court-3 </p> "
+    "[SEG] , and <p> tennis court-4 </p> [SEG] feature the standard dimensions and markings. "
+    "On the left flank, <p> a few small vehicles </p> [SEG] are parked along the left edge.")
 
 
 def rect(rows: tuple[int, int], cols: tuple[int, int]) -> np.ndarray:
@@ -162,8 +163,8 @@ def test_grouping_needs_same_description_and_can_be_turned_off():
     tile, plan, reqs, resps = scene(**{"instance_03": (
         "The tennis court has a green surface.", "ok")})
     record = compose_tile(tile, plan, reqs, resps, ComposeParams(), PROVENANCE)
-    assert ("The <p> tennis court-2 </p> [SEG] and <p> tennis court-3 </p> [SEG] at the bottom "
-            "right feature the standard dimensions and markings. "
+    assert ("Toward the bottom right, the <p> tennis court-2 </p> [SEG] and <p> tennis court-3 "
+            "</p> [SEG] feature the standard dimensions and markings. "
             "The <p> tennis court-4 </p> [SEG] at the bottom right has a green surface."
             ) in record.caption
     assert [p.object_ids for p in record.phrases][:4] == [[1001], [1002], [1004], [1003]]
@@ -175,6 +176,72 @@ def test_grouping_needs_same_description_and_can_be_turned_off():
     assert ("The <p> tennis court-3 </p> [SEG] at the bottom right features the standard "
             "dimensions and markings.") in apart.caption
     assert apart.caption.count("[SEG]") == 5
+
+
+def test_only_identical_descriptions_share_a_sentence():
+    """Alike is not enough: a sentence given to several phrases must be true of each."""
+    for variant in ("The tennis court features the standard dimensions and Markings.",
+                    "The tennis court features the standard dimensions and markings!",
+                    "The tennis court features  the standard dimensions, and markings."):
+        tile, plan, reqs, resps = scene(instance_03=(variant, "ok"))
+        record = compose_tile(tile, plan, reqs, resps, ComposeParams(), PROVENANCE)
+        shared = next(s for s in record.caption.split(". ") if "tennis court-2" in s)
+        assert "tennis court-3" in shared and "tennis court-4" not in shared, record.caption
+    tile, plan, reqs, resps = scene(instance_02=("The tennis court is dark grey.", "ok"),
+                                    instance_03=("The tennis court is dark blue.", "ok"),
+                                    instance_04=("The tennis court is dark grey.", "ok"))
+    record = compose_tile(tile, plan, reqs, resps, ComposeParams(), PROVENANCE)
+    sentences = [s for s in record.caption.split(". ") if "tennis court-" in s]
+    grey = next(s for s in sentences if "dark grey" in s)
+    blue = next(s for s in sentences if "dark blue" in s)
+    assert grey.count("[SEG]") == 2 and blue.count("[SEG]") == 1, record.caption
+    assert [p.object_ids for p in record.phrases][1:4] == [[1002], [1004], [1003]]
+
+
+@pytest.mark.parametrize("holistic, moved", [
+    ("The image shows tennis courts. This could be a recreational facility.",
+     "This could be a recreational facility."),
+    ("Courts and cars. They are empty. Perhaps this is a school. The site may be a club.",
+     "Perhaps this is a school. The site may be a club."),
+    ("Tennis courts. It could be a club.", ""),          # "it" would seem to mean an object
+    ("This could be a club. Tennis courts are seen.", ""),  # not at the end: not moved
+    ("This could be a club.", ""),                        # the whole answer stays first
+])
+def test_hedged_reading_of_the_scene_closes_the_paragraph(holistic, moved):
+    tile, plan, reqs, resps = scene(holistic=(holistic, "ok"))
+    caption = compose_tile(tile, plan, reqs, resps, ComposeParams(), PROVENANCE).caption
+    kept = holistic[:len(holistic) - len(moved)].strip()
+    assert caption.startswith(kept), caption
+    if moved:
+        assert caption.endswith(" " + moved), caption
+        assert caption.count(moved) == 1
+    else:
+        assert caption.endswith("left edge."), caption
+
+
+def test_composer_wording_is_stable_true_and_varied():
+    """Same tile, same caption; across tiles and seeds the composer says the cluster's region
+    in several ways, each one of `leads(region)`, and a kept count in its own words."""
+    from pipeline.stages.compose.wording import leads
+
+    captions = {}
+    for seed in range(4):
+        for i in range(6):
+            tile, plan, reqs, resps = renamed_scene(
+                f"P{i:04d}_0_64_0_64", cluster_c1=("Three small vehicles are parked.", "ok"))
+            params = ComposeParams(seed=seed)
+            caption = compose_tile(tile, plan, reqs, resps, params, PROVENANCE).caption
+            assert caption == compose_tile(tile, plan, reqs, resps, params, PROVENANCE).caption
+            captions[seed, i] = caption
+    openings = set()
+    for caption in captions.values():
+        last = caption[caption.rindex(". ") + 2:]
+        opening = last.split(",")[0]
+        assert opening[0].lower() + opening[1:] in leads("left side"), last
+        assert "three" in last and "<p> a few small vehicles </p> [SEG]" in last, last
+        openings.add(opening)
+    assert len(openings) >= 4, openings
+    assert len(set(captions.values())) >= 12
 
 
 def test_failed_instance_response_leaves_its_phrase_out_and_is_counted():
@@ -274,12 +341,12 @@ def test_weaving_keeps_the_annotators_words():
         cluster_c1=("Cars parked in rows", "ok"))
     record = compose_tile(tile, plan, reqs, resps, ComposeParams(group_instances=False),
                           PROVENANCE)
-    assert ("The <p> tennis court-1 </p> [SEG] at the right: a white hull with a red deck."
+    assert ("The <p> tennis court-1 </p> [SEG] toward the right: a white hull with a red deck."
             in record.caption)
     assert ("The <p> tennis court-2 </p> [SEG] , partly shaded, is located at the bottom "
             "right.") in record.caption
     assert record.caption.endswith(
-        "At the left side, there are <p> a few small vehicles </p> [SEG]: Cars parked in rows.")
+        "On the left flank, there are <p> a few small vehicles </p> [SEG]: Cars parked in rows.")
 
 
 def test_weaving_keeps_adjectives_and_exact_counts_and_states_the_position_once():
@@ -289,10 +356,11 @@ def test_weaving_keeps_adjectives_and_exact_counts_and_states_the_position_once(
         cluster_c1=("There are three small vehicles, parked in a row at the left side of the "
                     "image.", "ok"))
     record = compose_tile(tile, plan, reqs, resps, ComposeParams(), PROVENANCE)
-    assert ("The large white <p> tennis court-1 </p> [SEG] at the right is surrounded by "
+    assert ("The large white <p> tennis court-1 </p> [SEG] toward the right is surrounded by "
             "trees.") in record.caption
     assert record.caption.endswith(
-        "At the left side, <p> a few small vehicles </p> [SEG] , three in all, parked in a row.")
+        "On the left flank, <p> a few small vehicles </p> [SEG] , three all told, parked in a "
+        "row.")
 
 
 def test_compose_is_deterministic_and_ignores_other_tiles_responses():
@@ -328,23 +396,28 @@ def test_provenance_joins_mixed_backends():
 # The stage, over shards on disk
 
 
+def renamed_scene(tid: str, **overrides: tuple[str | None, str]):
+    """`scene` with the tile id `tid`."""
+    tile, plan, r, a = scene(**overrides)
+
+    def moved(x):
+        return x.model_copy(update={"tile_id": tid,
+                                    "request_id": x.request_id.replace(plan.tile_id, tid)})
+    return (tile.model_copy(update={"tile_id": tid}), plan.model_copy(update={"tile_id": tid}),
+            [moved(x) for x in r], [moved(x) for x in a])
+
+
 def write_stage_inputs(root: Path, shards: dict[str, list[dict]]) -> tuple[Path, Path, Path]:
     """shards: shard name -> one override dict per tile (see `scene`)."""
     tiles_dir, plan_dir, resp_dir = root / "tiles", root / "plan", root / "responses"
     for name, tiles in shards.items():
         all_tiles, plans, reqs, resps = [], [], [], []
         for i, overrides in enumerate(tiles):
-            tile, plan, r, a = scene(**overrides)
-            tid = f"P{name[6:11]}_{i}_64_0_64"
-            tile = tile.model_copy(update={"tile_id": tid})
+            tile, plan, r, a = renamed_scene(f"P{name[6:11]}_{i}_64_0_64", **overrides)
             all_tiles.append(tile)
-            plans.append(plan.model_copy(update={"tile_id": tid}))
-            reqs += [x.model_copy(update={"tile_id": tid,
-                                          "request_id": x.request_id.replace(plan.tile_id, tid)})
-                     for x in r]
-            resps += [x.model_copy(update={"tile_id": tid,
-                                           "request_id": x.request_id.replace(plan.tile_id, tid)})
-                      for x in a]
+            plans.append(plan)
+            reqs += r
+            resps += a
         write_records(tiles_dir / name, all_tiles, Tile)
         write_records(plan_dir / "tiles" / name, plans, TilePlan)
         for kind in ("holistic", "instance", "cluster"):
@@ -385,7 +458,10 @@ def test_run_compose_writes_aligned_shards_and_counts_every_reason(tmp_path):
     records = [r for name in sorted(SHARDS) for r in read_records(out / name, GroundedRecord)]
     assert report["mean_caption_chars"] == round(
         sum(len(r.caption) for r in records) / len(records), 1)
-    assert records[0].caption == GOLDEN
+    # the stage writes what compose_tile makes of the same tile (its wording follows its id)
+    tile, plan, reqs, resps = renamed_scene(records[0].tile_id)
+    assert records[0].caption == compose_tile(tile, plan, reqs, resps, ComposeParams(),
+                                              PROVENANCE).caption
     assert records[0].provenance.backend == "template"
     assert records[0].provenance.params_hash == tile_provenance(Params(), [], []).params_hash
     dropped = read_records(out / "dropped" / sorted(SHARDS)[1], DroppedRecord)

@@ -19,12 +19,18 @@ import pytest
 from PIL import Image
 from pycocotools.coco import COCO
 
-from pipeline.core.errors import BadRecordError, DuplicateNameError, UnsafePathError
+from pipeline.core.errors import (
+    BadAnnotationError,
+    BadRecordError,
+    DuplicateNameError,
+    UnsafePathError,
+)
 from pipeline.core.imaging import encode_png, sha256
 from pipeline.core.params import ExportParams, Params, RunnerParams
 from pipeline.core.shards import read_records, shard_name, write_records
 from pipeline.formats.geopixel_format import read_geopixel
 from pipeline.geometry import masks
+from pipeline.geometry.categories import ISAID_CATEGORY_IDS, category_ids
 from pipeline.stages.export import EXPORT_SCHEMA, run_export
 from schemas import RLE, GroundedRecord, ObjectInstance, Phrase, Provenance, Tile, Window
 
@@ -191,8 +197,9 @@ def test_coco_links_phrases_to_instances(exported):
             for r in pq.read_table(p).to_pylist()}
     for split in ("train", "val"):
         coco = COCO(str(root / "out" / "coco" / f"{split}.json"))
-        assert [c["name"] for c in coco.loadCats(coco.getCatIds())] == [
-            "Small_Vehicle", "ship", "tennis_court"]
+        # iSAID's 15 categories with iSAID's own ids, present or not
+        assert {c["id"]: c["name"] for c in coco.loadCats(coco.getCatIds())} == {
+            i: name for name, i in ISAID_CATEGORY_IDS.items()}
         for ann in coco.loadAnns(coco.getAnnIds()):
             image = coco.loadImgs(ann["image_id"])[0]
             obj = {o.object_id: o for o in tiles[image["tile_id"]].objects}[ann["object_id"]]
@@ -211,6 +218,9 @@ def test_coco_links_phrases_to_instances(exported):
                 expected = masks.decode(RLE.model_validate(row["masks"][phrase["seg_index"]]))
                 assert np.array_equal(union, expected)
             assert [len(p["annotation_ids"]) for p in caption["phrases"]] == [1, 2]
+            # one annotation per member, in the phrase's object id order
+            assert [[a["object_id"] for a in coco.loadAnns(p["annotation_ids"])]
+                    for p in caption["phrases"]] == row["object_ids"]
 
 
 def test_datasets_loads_parquet_with_images(exported, tmp_path, monkeypatch):
@@ -312,10 +322,230 @@ def test_released_sample_through_export_is_byte_identical(tmp_path):
     sample = Path(__file__).resolve().parent.parent / "data" / "geopixeld_sample"
     pairs = read_geopixel(sample / "GeoPixelD.json", sample)
     tiles_dir, records_dir = write_inputs(tmp_path / "in", {shard_name("train", 0, 1): pairs})
-    report = run_export(Params(), tiles_dir, records_dir, tmp_path / "out")
+    question = json.loads((sample / "GeoPixelD.json").read_text())[0]["conversations"][0]["value"]
+    report = run_export(Params(export=ExportParams(instruction=question)), tiles_dir,
+                        records_dir, tmp_path / "out")
     assert report["splits"]["train"]["annotations"] == 4
     out = tmp_path / "out" / "geopixel"
     name = "train/P0224_0_800_0_800.json"
     assert (out / name).read_bytes() == (sample / name).read_bytes()
     assert json.loads((out / "GeoPixelD.json").read_text()) == json.loads(
         (sample / "GeoPixelD.json").read_text())
+
+
+# ---- a group's members stay apart; the instruction each record asks; fixed category ids -------
+
+def _instance(object_id: int, category: str, mask: np.ndarray) -> ObjectInstance:
+    rle = masks.encode(mask)
+    return ObjectInstance(object_id=object_id, category=category, bbox=masks.bbox(rle),
+                          area=masks.area(rle), mask=rle)
+
+
+def _rect(y0: int, y1: int, x0: int, x1: int) -> np.ndarray:
+    mask = np.zeros((H, W), np.uint8)
+    mask[y0:y1, x0:x1] = 1
+    return mask
+
+
+def touching_group_pair(tile_id: str = f"P9600_0_{H}_0_{W}") -> tuple[GroundedRecord, Tile]:
+    """Three vehicles parked bumper to bumper (their union is one blob) and a fourth in two
+    parts (a vehicle the tile's edge or a tree cuts in two), grounded as one group, plus the
+    first vehicle alone as an instance phrase."""
+    parts = _rect(30, 34, 40, 44) | _rect(30, 34, 50, 54)
+    objects = [_instance(2001, "Small_Vehicle", _rect(10, 16, 10, 16)),
+               _instance(2002, "Small_Vehicle", _rect(10, 16, 16, 22)),
+               _instance(2003, "Small_Vehicle", _rect(10, 16, 22, 28)),
+               _instance(2004, "Small_Vehicle", parts)]
+    group = [o.object_id for o in objects]
+    phrases = [
+        Phrase(text="small vehicles", kind="cluster", category="Small_Vehicle",
+               object_ids=group, mask=masks.union([o.mask for o in objects])),
+        Phrase(text="small vehicle-1", kind="instance", category="Small_Vehicle",
+               object_ids=[2001], mask=objects[0].mask),
+    ]
+    png = encode_png(np.full((H, W, 3), 80, np.uint8))
+    tile = Tile(tile_id=tile_id, source="test", split="train", image_name=tile_id.split("_")[0],
+                window=Window(y0=0, y1=H, x0=0, x1=W), height=H, width=W, image_png=png,
+                image_sha256=sha256(png), objects=objects)
+    record = GroundedRecord(
+        record_id=f"train/{tile_id}", tile_id=tile_id, split="train",
+        caption="Four <p> small vehicles </p> [SEG] , the first <p> small vehicle-1 </p> [SEG] .",
+        phrases=phrases, provenance=PROVENANCE)
+    return record, tile
+
+
+def test_group_of_touching_instances_keeps_one_polygon_per_member(tmp_path):
+    record, tile = touching_group_pair()
+    tiles_dir, records_dir = write_inputs(tmp_path / "in",
+                                          {shard_name("train", 0, 1): [(record, tile)]})
+    run_export(PARAMS, tiles_dir, records_dir, tmp_path / "out")
+    out = tmp_path / "out"
+    by_id = {o.object_id: masks.decode(o.mask) for o in tile.objects}
+    group_mask = masks.decode(record.phrases[0].mask)
+    # the union's outline would give 3 polygons (one blob + the two parts of 2004)
+    assert len(masks.to_polygons(group_mask)) == 3
+
+    polygons = json.loads((out / "geopixel" / "train" / f"{tile.tile_id}.json").read_text(
+        ))["polygons"]
+    assert [len(p) for p in polygons] == [5, 1]  # 1 + 1 + 1 + 2 parts; the instance as before
+    assert polygons[1] == masks.to_polygons(by_id[2001])
+    for polys, phrase in zip(polygons, record.phrases):  # GeoPixel's loader fills them all
+        assert np.array_equal(masks.from_polygons(polys, H, W), masks.decode(phrase.mask))
+
+    row, = pq.read_table(out / "parquet" / "train-00000-of-00001.parquet").to_pylist()
+    members = row["phrase_polygons"][0]
+    assert [len(m) for m in members] == [1, 1, 1, 2] and row["object_ids"][0] == [2001, 2002,
+                                                                                  2003, 2004]
+    for member, object_id in zip(members, row["object_ids"][0]):
+        assert np.array_equal(masks.from_polygons(member, H, W), by_id[object_id])
+    # flattened, a phrase's members are exactly its GeoPixel polygons
+    assert [[poly for m in phrase for poly in m] for phrase in row["phrase_polygons"]] \
+        == polygons
+    assert RLE.model_validate(row["masks"][0]) == record.phrases[0].mask  # still the union
+
+    coco = COCO(str(out / "coco" / "train.json"))
+    phrase = coco.dataset["captions"][0]["phrases"][0]
+    anns = coco.loadAnns(phrase["annotation_ids"])
+    assert [a["object_id"] for a in anns] == [2001, 2002, 2003, 2004]
+    for ann in anns:
+        assert np.array_equal(coco.annToMask(ann), by_id[ann["object_id"]])
+
+
+def test_phrase_whose_members_do_not_make_its_mask_keeps_its_outline(tmp_path):
+    """A phrase whose mask is not its members' union (an edited phrase) is traced from its
+    mask, so that GeoPixel's fill still gives the phrase's own mask."""
+    record, tile = touching_group_pair()
+    edited = record.phrases[0].model_copy(update={"object_ids": [2001, 2002]})
+    record = record.model_copy(update={"phrases": [edited, record.phrases[1]]})
+    tiles_dir, records_dir = write_inputs(tmp_path / "in",
+                                          {shard_name("train", 0, 1): [(record, tile)]})
+    run_export(PARAMS, tiles_dir, records_dir, tmp_path / "out")
+    polygons = json.loads((tmp_path / "out" / "geopixel" / "train" / f"{tile.tile_id}.json"
+                           ).read_text())["polygons"]
+    assert polygons[0] == masks.to_polygons(masks.decode(edited.mask))
+    row, = pq.read_table(tmp_path / "out" / "parquet").to_pylist()
+    assert row["phrase_polygons"][0] == [polygons[0]]  # one entry: the mask's own contours
+
+
+def test_every_record_asks_its_own_instruction(exported):
+    root, _ = exported
+    out = root / "out"
+    asked = {}
+    for listing in ("GeoPixelD.json", "GeoPixelD_test.json"):
+        for item in json.loads((out / "geopixel" / listing).read_text()):
+            asked[Path(item["image"]).stem] = item["conversations"][0]["value"]
+    rows = [r for p in sorted((out / "parquet").glob("*.parquet"))
+            for r in pq.read_table(p, columns=["record_id", "tile_id", "instruction",
+                                               "instruction_id"]).to_pylist()]
+    assert len(rows) == len(asked) == 4
+    for row in rows:
+        chosen = PARAMS.export.instruction_for(row["record_id"])
+        assert (row["instruction"], row["instruction_id"]) == (chosen.text, chosen.id)
+        assert row["instruction_id"].startswith("v1/")
+        assert asked[row["tile_id"]] == chosen.text
+    coco = json.loads((out / "coco" / "train.json").read_text())
+    for caption in coco["captions"]:
+        assert caption["instruction"] == PARAMS.export.instruction_for(caption["record_id"]).text
+
+
+def test_fixed_instruction_is_asked_by_every_record(tmp_path):
+    tiles_dir, records_dir = standard_inputs(tmp_path / "in")
+    params = Params(export=ExportParams(instruction=5), runner=PARAMS.runner)
+    run_export(params, tiles_dir, records_dir, tmp_path / "out")
+    items = json.loads((tmp_path / "out" / "geopixel" / "GeoPixelD.json").read_text())
+    rows = pq.read_table(tmp_path / "out" / "parquet",
+                         columns=["instruction", "instruction_id"]).to_pylist()
+    assert {i["conversations"][0]["value"] for i in items} == {r["instruction"] for r in rows} \
+        == {params.export.instruction_for("any").text}
+    assert {r["instruction_id"] for r in rows} == {"v1/05"}
+
+
+def _coco_category_ids(root: Path, categories: dict[int, str],
+                       given: dict[int, int] | None = None) -> dict[str, int]:
+    """Export one record whose tile's instances have `categories` (and the source category ids
+    `given`); the COCO name -> id."""
+    record, tile = make_pair(f"P9700_0_{H}_0_{W}", "train", 1)
+    given = given or {}
+    objects = [o.model_copy(update={"category": categories.get(o.object_id, o.category),
+                                    "category_id": given.get(o.object_id)})
+               for o in tile.objects]
+    tile = tile.model_copy(update={"objects": objects})
+    tiles_dir, records_dir = write_inputs(root / "in",
+                                          {shard_name("train", 0, 1): [(record, tile)]})
+    run_export(PARAMS, tiles_dir, records_dir, root / "out")
+    coco = json.loads((root / "out" / "coco" / "train.json").read_text())
+    ids = {c["name"]: c["id"] for c in coco["categories"]}
+    for ann in coco["annotations"]:  # annotations use the listed ids
+        assert ann["category_id"] == ids[{o.object_id: o.category for o in objects}[
+            ann["object_id"]]]
+    return ids
+
+
+def test_category_ids_are_isaids_whatever_categories_a_build_holds(tmp_path):
+    without_plane = _coco_category_ids(tmp_path / "a", {1004: "storage_tank"})
+    with_plane = _coco_category_ids(tmp_path / "b", {1004: "storage_tank", 1003: "plane"})
+    assert without_plane["storage_tank"] == with_plane["storage_tank"] == 2
+    assert with_plane["plane"] == 14
+    # the iSAID devkit's label ids (labels.py: 1 ship ... 15 Harbor)
+    assert ISAID_CATEGORY_IDS == {
+        "ship": 1, "storage_tank": 2, "baseball_diamond": 3, "tennis_court": 4,
+        "basketball_court": 5, "Ground_Track_Field": 6, "Bridge": 7, "Large_Vehicle": 8,
+        "Small_Vehicle": 9, "Helicopter": 10, "Swimming_pool": 11, "Roundabout": 12,
+        "Soccer_ball_field": 13, "plane": 14, "Harbor": 15}
+    assert without_plane == with_plane == ISAID_CATEGORY_IDS
+
+
+def test_category_ids_the_source_gives_are_kept(tmp_path):
+    """A COCO label file's own ids (here 7 building, 3 plane) pass through to the export."""
+    ids = _coco_category_ids(tmp_path / "a", {1001: "building", 1002: "building", 1003: "plane",
+                                              1004: "plane"},
+                             {1001: 7, 1002: 7, 1003: 3, 1004: 3})
+    assert ids == {"building": 7, "plane": 3}
+
+
+def test_category_ids_the_sources_disagree_on_are_refused(tmp_path):
+    with pytest.raises(BadAnnotationError, match="category 'plane' has two ids"):
+        _coco_category_ids(tmp_path / "a", {1003: "plane", 1004: "plane"}, {1003: 3, 1004: 4})
+    assert not (tmp_path / "a" / "out").exists()  # nothing half-written
+    with pytest.raises(BadAnnotationError, match="category id 3 names two categories"):
+        _coco_category_ids(tmp_path / "b", {1003: "plane", 1004: "ship"}, {1003: 3, 1004: 3})
+
+
+def test_other_categories_follow_isaids():
+    assert category_ids([("building", None), ("ship", None), ("object", None)]) == {
+        **ISAID_CATEGORY_IDS, "building": 16, "object": 17}
+    # no iSAID category: none listed
+    assert category_ids([("building", None)]) == {"building": 16}
+    assert category_ids([]) == {}
+    # iSAID's own ids, given by the iSAID source, still list all 15
+    assert category_ids([("ship", 1), ("roof", None)]) == {**ISAID_CATEGORY_IDS, "roof": 16}
+    # ids a label file gives: kept; the unnamed ones come after the largest
+    assert category_ids([("building", 40), ("tree", 2), ("object", None)]) == {
+        "building": 40, "tree": 2, "object": 41}
+    # an iSAID name under another id (a file numbered its own way): the file's id, and
+    # iSAID's table is not mixed in
+    assert category_ids([("ship", 3), ("plane", None)]) == {"ship": 3, "plane": 16}
+    # a class code 0 is no COCO id: treated as none given
+    assert category_ids([("0", 0)]) == {"0": 16}
+
+
+def test_bundled_samples_group_phrases_keep_every_member(built_workspace):
+    """On the real iSAID samples (`geopixeld build`): no group phrase has fewer polygons than
+    members (touching vehicles used to merge: 34 vehicles as 23 polygons in P0004)."""
+    export = built_workspace / "build" / "export"
+    groups = 0
+    for path in sorted((export / "parquet").glob("*.parquet")):
+        for row in pq.read_table(path, columns=["tile_id", "object_ids", "masks",
+                                                "phrase_polygons"]).to_pylist():
+            polygons = json.loads((export / "geopixel" / "test" / f"{row['tile_id']}.json"
+                                   ).read_text())["polygons"]
+            for ids, members, polys, rle in zip(row["object_ids"], row["phrase_polygons"],
+                                                polygons, row["masks"]):
+                assert len(polys) >= len(ids) and len(members) == len(ids)
+                # GeoPixel's fill covers the mask, and no more than its outline did (holes)
+                mask = masks.decode(RLE.model_validate(rle))
+                filled = masks.from_polygons(polys, *mask.shape)
+                outline = masks.from_polygons(masks.to_polygons(mask), *mask.shape)
+                assert (filled >= mask).all() and (filled <= outline).all()
+                groups += len(ids) > 1
+    assert groups >= 10

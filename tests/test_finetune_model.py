@@ -114,6 +114,57 @@ def test_a_cut_answer_drops_the_masks_of_the_seg_tokens_cut_off(built):
     assert batch["masks"][0].shape[0] == 1
 
 
+def _prompt_words(processor, batch, i: int) -> str:
+    ids, labels = batch["vlm_inputs"]["input_ids"][i], batch["labels"][i]
+    prompt = ids[(labels == IGNORE_INDEX) & (batch["vlm_inputs"]["attention_mask"][i] == 1)]
+    return processor.tokenizer.decode(prompt)
+
+
+def test_each_sample_is_asked_its_own_instruction_when_training(built):
+    """With record_instructions the user turn is the record's instruction (the export's
+    varied ones); a sample without one, and every generation prompt, get the fixed question."""
+    model, processor, _, _ = built
+    own = "Describe this aerial image in detail, tying each object you mention to its mask."
+    samples = [_sample(CAPTIONS[1], seed=1)._replace(instruction=own), _sample(CAPTIONS[1])]
+    varied = Collator(processor, "[SEG]", QUESTION, model.sam_image_size, 512,
+                      record_instructions=True)
+    batch = varied(samples)
+    assert own in _prompt_words(processor, batch, 0)
+    assert QUESTION not in _prompt_words(processor, batch, 0)
+    assert QUESTION in _prompt_words(processor, batch, 1)
+    for i, caption in enumerate([CAPTIONS[1]] * 2):  # the answer is labelled either way
+        answer = batch["labels"][i][batch["labels"][i] != IGNORE_INDEX]
+        assert processor.tokenizer.decode(answer).startswith(caption)
+    fixed = Collator(processor, "[SEG]", QUESTION, model.sam_image_size, 512)
+    assert QUESTION in _prompt_words(processor, fixed(samples), 0)
+    prompts = varied.prompt_batch(samples)["vlm_inputs"]["input_ids"]
+    assert all(own not in processor.tokenizer.decode(row) for row in prompts)
+
+
+def test_export_shards_give_each_sample_its_instruction(tmp_path):
+    from pipeline.core.imaging import encode_png
+    from pipeline.stages.export import EXPORT_SCHEMA
+
+    folder = tmp_path / "parquet"
+    folder.mkdir()
+    png = encode_png(np.zeros((8, 8, 3), np.uint8), 1)
+    rows = [{"record_id": f"r{i}", "tile_id": f"t{i}", "split": "train",
+             "image": {"bytes": png, "path": f"t{i}.png"}, "width": 8, "height": 8,
+             "caption": "one <p> x </p> [SEG]", "phrases": ["x"],
+             "phrase_kinds": ["instance"], "phrase_categories": ["ship"],
+             "masks": [masks.encode(np.ones((8, 8), np.uint8)).model_dump()],
+             "object_ids": [[1]], "provenance": None, "instruction": text}
+            for i, text in enumerate(["Ask one.", "Ask two."])]
+    pq.write_table(pa.Table.from_pylist(rows, schema=EXPORT_SCHEMA),
+                   folder / "train-00000-of-00001.parquet")
+    samples = open_samples(folder, ["train"])
+    assert [samples[i].instruction for i in range(2)] == ["Ask one.", "Ask two."]
+    # a shard written before instructions existed: no column, no instruction
+    pq.write_table(pq.read_table(folder).drop_columns(["instruction"]),
+                   folder / "train-00000-of-00001.parquet")
+    assert open_samples(folder, ["train"])[0].instruction == ""
+
+
 def test_a_training_step_moves_the_seg_rows_but_not_the_frozen_vocabulary(built):
     model, _, collator, _ = built
     embedding = model.lm.get_input_embeddings()

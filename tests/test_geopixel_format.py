@@ -23,7 +23,8 @@ from schemas import GroundedRecord, ObjectInstance, Phrase, Provenance, Tile, Wi
 
 REPO = Path(__file__).resolve().parent.parent
 SAMPLE = REPO / "data" / "geopixeld_sample"
-QUESTION = ExportParams().geopixel_question
+# the human turn of the released sample: the one question GeoPixelD asks of every record
+QUESTION = json.loads((SAMPLE / "GeoPixelD.json").read_text())[0]["conversations"][0]["value"]
 
 
 def _polygon_counts(polygon_file: Path) -> list[int]:
@@ -40,7 +41,7 @@ def test_released_sample_round_trips(tmp_path):
     assert record.provenance.backend == "geopixeld-release"
     assert tile.window == Window(y0=0, y1=800, x0=0, x1=800) and tile.image_name == "P0224"
 
-    counts = write_geopixel(original, tmp_path, ExportParams())
+    counts = write_geopixel(original, tmp_path, ExportParams(instruction=QUESTION))
     assert counts == {"GeoPixelD.json": 1}
     again = read_geopixel(tmp_path / "GeoPixelD.json", tmp_path)
     (record2, tile2), = again
@@ -171,3 +172,52 @@ def test_unsafe_tile_id_writes_nothing(tmp_path):
     with pytest.raises(UnsafePathError):
         write_geopixel([(record, tile)], out, ExportParams())
     assert not out.exists() and not (tmp_path / "evil.png").exists()
+
+
+# ---- a group's polygons are its members' ------------------------------------------------------
+
+def _square(y0: int, x0: int, side: int = 6, size: tuple[int, int] = (20, 30)) -> np.ndarray:
+    mask = np.zeros(size, np.uint8)
+    mask[y0:y0 + side, x0:x0 + side] = 1
+    return mask
+
+
+def test_member_masks_are_used_only_when_they_make_up_the_phrase():
+    a, b = masks.encode(_square(2, 2)), masks.encode(_square(2, 8))  # touching
+    union = masks.union([a, b])
+    assert masks.member_masks(union, [a, b]) == [a, b]
+    assert masks.member_masks(a, [a]) == [a]
+    assert masks.member_masks(union, [a, None]) == [union]  # a member the tile lacks
+    assert masks.member_masks(union, [a]) == [union]  # members short of the mask
+    assert masks.member_masks(union, []) == [union]
+    other_size = masks.encode(_square(2, 2, size=(20, 31)))
+    assert masks.member_masks(a, [other_size]) == [a]
+
+
+def test_group_round_trips_with_its_members(tmp_path):
+    """Written with one polygon per touching member, a group reads back as those members."""
+    squares = [_square(2, 2), _square(2, 8), _square(8, 2)]
+    png = encode_png(np.zeros((20, 30, 3), np.uint8))
+    objects = [ObjectInstance(object_id=i + 1, category="Small_Vehicle",
+                              bbox=masks.bbox(masks.encode(m)), area=int(m.sum()),
+                              mask=masks.encode(m)) for i, m in enumerate(squares)]
+    union = masks.union([o.mask for o in objects])
+    assert len(masks.to_polygons(masks.decode(union))) == 1  # one blob as a union
+    tile = Tile(tile_id="G1", source="test", split="train", image_name="G1",
+                window=Window(y0=0, y1=20, x0=0, x1=30), height=20, width=30, image_png=png,
+                image_sha256=sha256(png), objects=objects)
+    record = GroundedRecord(
+        record_id="train/G1", tile_id="G1", split="train",
+        caption="Three <p> small vehicles </p> [SEG] .",
+        phrases=[Phrase(text="small vehicles", kind="cluster", category="Small_Vehicle",
+                        object_ids=[1, 2, 3], mask=union)],
+        provenance=Provenance(backend="test", model="none", prompt_versions=[],
+                              params_hash="x", pipeline_version="0"))
+    write_geopixel([(record, tile)], tmp_path, ExportParams())
+    assert _polygon_counts(tmp_path / "train" / "G1.json") == [3]
+    (back, back_tile), = read_geopixel(tmp_path / "GeoPixelD.json", tmp_path)
+    assert back.phrases[0].mask == union and back.phrases[0].object_ids == [1, 2, 3]
+    assert [masks.decode(o.mask).tolist() for o in back_tile.objects] == [
+        m.tolist() for m in squares]
+    item, = json.loads((tmp_path / "GeoPixelD.json").read_text())
+    assert item["conversations"][0]["value"] == ExportParams().instruction_for("train/G1").text

@@ -237,3 +237,60 @@ def test_geoparquet_shards_still_load_with_datasets(exported, tmp_path):
     row = ds[0]
     assert row["image"].size == (256, 256)
     assert shapely.from_wkb(row["geometry"]).geom_type == "MultiPolygon"
+
+
+def test_group_phrase_multipolygon_is_made_of_its_members(tmp_path):
+    """Touching vehicles grounded as one group: the phrase's MultiPolygon has one polygon per
+    member (two for an instance in two parts), not the union's single blob; their union is the
+    phrase's footprint, pixel-exact in the scene CRS."""
+    from pipeline.core.imaging import encode_png, sha256
+    from pipeline.core.shards import shard_name, write_records
+    from pipeline.geometry import masks
+    from pipeline.stages.export import run_export
+    from schemas import GroundedRecord, ObjectInstance, Phrase, Provenance, Tile, Window
+
+    size = 40
+    boxes = {1: [(5, 5, 11, 11)], 2: [(5, 11, 11, 17)], 3: [(5, 17, 11, 23)],  # bumper to bumper
+             4: [(25, 5, 29, 9), (25, 15, 29, 19)]}  # (row0, col0, row1, col1) parts
+    objects = []
+    for object_id, parts in boxes.items():
+        mask = np.zeros((size, size), np.uint8)
+        for r0, c0, r1, c1 in parts:
+            mask[r0:r1, c0:c1] = 1
+        rle = masks.encode(mask)
+        objects.append(ObjectInstance(object_id=object_id, category="Small_Vehicle",
+                                      bbox=masks.bbox(rle), area=masks.area(rle), mask=rle))
+    union = masks.union([o.mask for o in objects])
+    png = encode_png(np.full((size, size, 3), 90, np.uint8))
+    tile = Tile(tile_id="S_0_40_0_40", source="test", split="train", image_name="S",
+                window=Window(y0=0, y1=size, x0=0, x1=size), height=size, width=size,
+                image_png=png, image_sha256=sha256(png), objects=objects, crs=UTM,
+                transform=list(UTM_TRANSFORM)[:6])
+    record = GroundedRecord(
+        record_id="train/S", tile_id=tile.tile_id, split="train",
+        caption="Four <p> small vehicles </p> [SEG] are parked.",
+        phrases=[Phrase(text="small vehicles", kind="cluster", category="Small_Vehicle",
+                        object_ids=list(boxes), mask=union)],
+        provenance=Provenance(backend="test", model="none", prompt_versions=[],
+                              params_hash="x", pipeline_version="0"))
+    name = shard_name("train", 0, 1)
+    write_records(tmp_path / "tiles" / name, [tile], Tile)
+    write_records(tmp_path / "records" / name, [record], GroundedRecord)
+    params = parse_params({"imagery": {"polygon_tolerance_px": 0.0, "output_crs": "scene"},
+                           "runner": {"local_scheduler": "synchronous"}})
+    run_export(params, tmp_path / "tiles", tmp_path / "records", tmp_path / "export")
+    run_georef(params, tmp_path / "tiles", tmp_path / "export")
+
+    expected = [map_box(UTM_TRANSFORM, c0, r0, c1, r1)
+                for parts in boxes.values() for r0, c0, r1, c1 in parts]
+    for frame in (gpd.read_file(tmp_path / "export" / "geojson" / "train.geojson"),
+                  gpd.read_parquet(tmp_path / "export" / "geoparquet" / "train.parquet")):
+        geom, = frame.geometry
+        assert geom.geom_type == "MultiPolygon"
+        assert np.asarray([p.bounds for p in geom.geoms]) == pytest.approx(
+            np.asarray(expected), abs=1e-6)
+        assert shapely.union_all(list(geom.geoms)).area == pytest.approx(
+            masks.area(union) * PIXEL ** 2)
+    footprint = gpd.read_parquet(tmp_path / "export" / "parquet" / name).geometry.iloc[0]
+    assert len(footprint.geoms) == 3  # the record's footprint dissolves the touching members
+    assert footprint.area == pytest.approx(masks.area(union) * PIXEL ** 2)

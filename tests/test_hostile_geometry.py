@@ -371,12 +371,13 @@ def test_every_hostile_geojson_is_one_bad_annotation_in_process(ws, case):
 
 
 def test_geojson_integer_category_and_string_id_follow_the_documented_rules(ws):
-    """A class code 3 is the category "3"; a string id gives the feature's position."""
+    """A class code 3 is the category "3" with id 3; a string id gives the feature's
+    position."""
     args = annotate_geojson(ws, {**feature(), "id": "way/17", "properties": {"category": 3}})
     proc, _ = run_bounded(args, ws)
     assert proc.returncode == 0, proc.stderr[-2000:]
     (tile,) = [t for s in list_shards(ws / "out" / "tiles") for t in read_records(s, Tile)]
-    assert [(o.object_id, o.category) for o in tile.objects] == [(1, "3")]
+    assert [(o.object_id, o.category, o.category_id) for o in tile.objects] == [(1, "3", 3)]
 
 
 # ---- DOTA ---------------------------------------------------------------------------------------
@@ -453,7 +454,7 @@ def geopixel_release(root: Path, polygons=None, segmentation=None, raw: str | No
     folder.mkdir(parents=True)
     (folder / "X1.png").write_bytes(encode_png(np.full((40, 60, 3), 90, np.uint8)))
     item = {"id": 0, "image": "data/GeoPixelD/train/X1.png", "conversations": [
-        {"from": "human", "value": ExportParams().geopixel_question},
+        {"from": "human", "value": ExportParams().instruction_for("X1").text},
         {"from": "bot", "value": "A <p> ship </p> [SEG] ."}]}
     if segmentation is not None:
         item["segmentation"] = [segmentation]

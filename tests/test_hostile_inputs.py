@@ -371,8 +371,8 @@ def test_cluster_word_checked_like_a_caption(workspace, word, shown):
 
 
 def test_question_with_a_grounding_tag(workspace):
-    refuse_params(workspace, {"export.geopixel_question": "Describe <p> it </p> [SEG]"},
-                  "export.geopixel_question", "tag-like")
+    refuse_params(workspace, {"export.instruction": "Describe <p> it </p> [SEG]"},
+                  "export.instruction", "tag-like")
 
 
 # ---- G: the message names the file read, or the option ------------------------------------

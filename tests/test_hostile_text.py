@@ -271,7 +271,8 @@ def test_decide_refuses_unsafe_edits_and_normalises_line_breaks(built_workspace)
 
 
 def _edit_at(caption: str, insert: str) -> str:
-    at = caption.index("The ground is ") + len("The ground is ")
+    """`insert` at the start of the caption's second sentence (outside every phrase)."""
+    at = caption.index(". ") + len(". ")
     return caption[:at] + insert + caption[at:]
 
 
@@ -333,8 +334,7 @@ def test_record_with_unsafe_text_in_the_records_folder_is_not_exported(workspace
     """A record compose did not make (or made before the rule): review drops it."""
     shard = list_shards(workspace / "build" / "records")[0]
     records = read_records(shard, GroundedRecord)
-    bad = records[0].model_copy(update={"caption": records[0].caption.replace(
-        "The ground is ", "The ground is \u202e", 1)})
+    bad = records[0].model_copy(update={"caption": _edit_at(records[0].caption, "\u202e")})
     write_records(shard, [bad] + records[1:], GroundedRecord)
     stderr, report = _review_and_export(workspace)
     assert report["records_out"] == len(records) - 1

@@ -3,10 +3,13 @@ DevTools Protocol (CDP).
 
 The report is built from a real build of the bundled iSAID val images (prepare, plan, the
 three annotate passes with the template backend, compose with `max_phrases` lowered so that
-some tiles are dropped), then opened from disk (file://). The tests check that the expected
-tiles, phrases and images render, that the category filter hides the other tiles and that
-paging keeps it, that the summary and drop pages show their figures, and that no page logs
-an error. A screenshot of the first page is saved to the test's tmp folder.
+some tiles are dropped; the last record's first phrase renamed "boats", a category claim its
+masks contradict), then opened from disk (file://). The tests check that the expected tiles,
+phrases and images render, records with failed claims first, that the category filter hides
+the other tiles and that paging keeps it, that the claims filter shows only records with
+failed claims and lists each under its caption, that the summary and drop pages show their
+figures, and that no page logs an error. A screenshot of the first page is saved to the test's
+tmp folder.
 
 CDP speaks JSON over a websocket; `DevTools` below is a minimal RFC 6455 client on the
 standard library (no websocket package is installed). Chromium missing is a FAILURE, not a
@@ -28,10 +31,11 @@ import time
 from pathlib import Path
 from urllib.parse import urlsplit
 
+import pyarrow.parquet as pq
 import pytest
 
 from pipeline.core.params import Params
-from pipeline.core.shards import list_shards, read_records
+from pipeline.core.shards import list_shards, read_records, write_records
 from pipeline.formats.html_report import PALETTE
 from pipeline.stages.annotate import run_annotate
 from pipeline.stages.compose.stage import run_compose
@@ -220,6 +224,15 @@ def build(tmp_path_factory) -> dict:
     for kind in ("holistic", "instance", "cluster"):
         run_annotate(params, kind, out / "tiles", out / "plan", out / "responses" / kind)
     run_compose(params, out / "tiles", out / "plan", out / "responses", out / "records")
+    # the last record's first phrase becomes "boats": a category claim its masks contradict
+    last_shard = list_shards(out / "records")[-1]
+    kept = read_records(last_shard, GroundedRecord)
+    *rest, last = kept
+    old = last.phrases[0].text
+    boats = last.model_copy(update={
+        "caption": last.caption.replace(f"<p> {old} </p>", "<p> boats </p>", 1),
+        "phrases": [last.phrases[0].model_copy(update={"text": "boats"}), *last.phrases[1:]]})
+    write_records(last_shard, [*rest, boats], GroundedRecord)
     report = run_qa(params, out / "records", out / "metrics" / "qa.json", out / "plots",
                     out / "report", tiles_dir=out / "tiles", responses_dir=out / "responses")
     records = [r for p in list_shards(out / "records")
@@ -228,9 +241,15 @@ def build(tmp_path_factory) -> dict:
              for d in read_records(p, DroppedRecord)]
     assert len(records) > TILES_PER_PAGE, "the val build should fill more than one report page"
     assert drops, f"compose.max_phrases={MAX_PHRASES} should drop some val tiles"
-    pages = [records[i:i + TILES_PER_PAGE] for i in range(0, len(records), TILES_PER_PAGE)]
+    claims = pq.read_table(out / "report" / "claims.parquet").to_pylist()
+    failing = {c["record_id"] for c in claims if c["verdict"] == "disagree"}
+    assert boats.record_id in failing
+    assert records[-1].record_id == boats.record_id and records[0].record_id not in failing
+    ordered = sorted(records, key=lambda r: r.record_id not in failing)  # failed claims first
+    pages = [ordered[i:i + TILES_PER_PAGE] for i in range(0, len(ordered), TILES_PER_PAGE)]
     assert report["pages"] == len(pages)
-    return {"report": out / "report", "records": records, "drops": drops, "pages": pages}
+    return {"report": out / "report", "records": records, "drops": drops, "pages": pages,
+            "failing": failing, "boats": boats, "claims": claims}
 
 
 @pytest.fixture(scope="module")
@@ -381,4 +400,30 @@ def test_summary_and_drop_pages(build, browser):
                               ".map(tr => [tr.cells[0].textContent, "
                               "tr.closest('section').id])")
     assert sorted(listed) == sorted([d.tile_id, f"reason-{d.reason}"] for d in build["drops"])
+    assert browser.errors() == []
+
+
+def test_records_with_failed_claims_come_first_and_the_claims_filter_keeps_them(build, browser):
+    browser.errors()
+    failing = build["failing"]
+    # the renamed record, last in shard order, leads the first page
+    assert build["pages"][0][0].record_id == build["boats"].record_id
+    browser.open(_url(build, "index.html"))
+    summary = browser.evaluate("document.querySelector('table.claims').innerText")
+    assert "category" in summary and "position" in summary
+    browser.click_and_wait("section#claims a.failed-claims")
+    assert browser.evaluate("location.hash") == "#claims=failed"
+    expected = [r.tile_id for r in build["pages"][0] if r.record_id in failing]
+    assert browser.evaluate(VISIBLE_TILES) == expected
+    assert browser.evaluate("document.querySelector('#filters select[data-facet=claims]')"
+                            ".selectedOptions[0].textContent") == "failed"
+    # each failed claim under its caption: the phrase, the claim, what the masks say
+    selector = f'article.tile[data-tile="{build["boats"].tile_id}"] li.claim'
+    listed = browser.evaluate(
+        f"[...document.querySelectorAll({json.dumps(selector)})]"
+        ".map(li => [li.dataset.type, li.querySelector('.words').textContent, "
+        "li.querySelector('.expected').textContent])")
+    wanted = [[c["type"], c["words"], c["expected"]] for c in build["claims"]
+              if c["record_id"] == build["boats"].record_id and c["verdict"] == "disagree"]
+    assert listed == wanted and ["category", "boats", "large vehicle"] in listed
     assert browser.errors() == []

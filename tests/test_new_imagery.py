@@ -282,8 +282,8 @@ def test_coco_labels_rasterised_into_each_tile(tmp_path):
     cv2.imwrite(str(tmp_path / "scene.png"), image)
     square = [[240.0, 100.0, 280.0, 100.0, 280.0, 140.0, 240.0, 140.0]]  # crosses x = 256
     coco = {"images": [{"id": 1, "file_name": "scene.png", "height": 300, "width": 400}],
-            "categories": [{"id": 1, "name": "Small_Vehicle"}],
-            "annotations": [{"id": 5, "image_id": 1, "category_id": 1, "segmentation": square,
+            "categories": [{"id": 12, "name": "Small_Vehicle"}],
+            "annotations": [{"id": 5, "image_id": 1, "category_id": 12, "segmentation": square,
                              "iscrowd": 0}]}
     (tmp_path / "coco.json").write_text(json.dumps(coco))
     spec = mask_spec("coco", tmp_path / "coco.json")
@@ -292,7 +292,8 @@ def test_coco_labels_rasterised_into_each_tile(tmp_path):
     # windows x: 0..256, 144..400; y: 0..256, 44..300; the square is in all four
     assert report["objects"] == 4 and len(found) == 4
     left = found["scene_0_256_0_256"][0]
-    assert (left.object_id, left.category) == (5, "Small_Vehicle")
+    # the file's own category id travels with the object (to the COCO export)
+    assert (left.object_id, left.category, left.category_id) == (5, "Small_Vehicle", 12)
     assert left.bbox == [240.0, 100.0, 16.0, 40.0] and left.area == 16 * 40
     assert masks.decode(left.mask).shape == (256, 256)
 

@@ -107,11 +107,12 @@ def test_coco_tiles_and_instances_follow_the_masks(p0005_coco, isaid_root):
                 small += 1
                 continue
             ys, xs = np.nonzero(crop)
-            expected.append((ann["id"], categories[ann["category_id"]], area,
+            expected.append((ann["id"], categories[ann["category_id"]], ann["category_id"], area,
                              [float(xs.min()), float(ys.min()), float(xs.max() - xs.min() + 1),
                               float(ys.max() - ys.min() + 1)],
                              mask_utils.encode(np.asfortranarray(crop))["counts"].decode()))
-        got = [(o.object_id, o.category, o.area, o.bbox, o.mask.counts) for o in tile.objects]
+        got = [(o.object_id, o.category, o.category_id, o.area, o.bbox, o.mask.counts)
+               for o in tile.objects]
         assert got == expected
     assert report["objects"] == sum(len(t.objects) for t in tiles) > 100
     assert dict(report["dropped"]) == ({"small_area": small} if small else {})

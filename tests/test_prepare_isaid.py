@@ -20,6 +20,7 @@ from pipeline.core.imaging import decode_png, sha256
 from pipeline.core.params import DataParams, Params, PrepareParams, RunnerParams
 from pipeline.core.shards import list_shards, read_records
 from pipeline.geometry import masks
+from pipeline.geometry.categories import ISAID_CATEGORY_IDS
 from pipeline.stages.prepare import discover_scenes, run_prepare, tile_scene
 from schemas import Tile
 
@@ -91,6 +92,7 @@ def test_tiles_and_instances_equal_the_devkit_reading(isaid_root, split, name):
         assert (tile.source, tile.split, tile.image_name) == ("isaid", split, name)
         for obj in tile.objects:  # the RLE is a mask of the tile's frame with `area` pixels
             assert obj.mask.size == [tile.height, tile.width]
+            assert obj.category_id == ISAID_CATEGORY_IDS[obj.category]
             assert masks.area(obj.mask) == obj.area
 
 

@@ -300,9 +300,10 @@ def test_any_geojson_is_refused_or_gives_image_sized_masks(items):
         geo = only_project_errors(read_geojson, path, ImageryParams(), counts)
         if geo is REFUSED:
             return
-        for object_id, category, _ in geo.features:
-            assert geometry.INT64_MIN <= object_id <= geometry.INT64_MAX
-            assert isinstance(category, str)
+        for feature in geo.features:
+            assert geometry.INT64_MIN <= feature.object_id <= geometry.INT64_MAX
+            assert isinstance(feature.category, str)
+            assert feature.category_id is None or geometry.is_int(feature.category_id)
         labels = only_project_errors(geojson_scene_labels, geo, "s", UTM, TRANSFORM, 48, 40,
                                      counts)
     for label in [] if labels is REFUSED else labels:

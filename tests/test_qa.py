@@ -14,6 +14,11 @@ Three records on 64x64 tiles, a fourth tile dropped:
   C (val): dropped by compose, caption_too_short.
 Words: 24 in all, 15 distinct -> distinct-1 = 0.625. Bigrams: A 9 (7 distinct), B 8 (new),
 D 4 (only "is parked" new) -> 16 / 21 = 0.7619.
+Five-grams: val A 6, B 5, all different, each in 1 of 2 captions (share 0.5 > 0.3: 11
+frequent); train D 1 ("the small vehicle is parked", share 1.0).
+Claims (the tiles are a flat grey 100): A's phrase is a small vehicle ("small vehicle", agrees)
+said to be "red" (its pixels are grey: disagrees); B's "a few ships" (category agrees, vague
+count of 3 agrees); D's "small vehicle" (agrees): 5 checked, 1 failed, in record A.
 """
 
 from __future__ import annotations
@@ -25,6 +30,7 @@ from pathlib import Path
 
 import cv2
 import numpy as np
+import pyarrow.parquet as pq
 import pytest
 
 from pipeline.core.errors import BadRecordError, EmptyInputError
@@ -33,6 +39,7 @@ from pipeline.core.params import Params, QAParams
 from pipeline.core.shards import read_records, write_json, write_records
 from pipeline.formats.html_report import PALETTE, caption_html, render_overlay
 from pipeline.geometry import masks
+from pipeline.geometry.claims import CLAIMS_FILE, CLAIMS_SCHEMA
 from pipeline.stages.qa import GEOPIXELD_REFERENCE, PLOT_COLUMNS, PhraseFacts, run_qa
 from schemas import (
     RLE,
@@ -168,7 +175,8 @@ def test_metrics_known_answers(build):
                                      "max": 10.0}
     assert m["caption"]["sentences"] == {"mean": 2.0, "median": 2.0, "p95": 2.9, "min": 1.0,
                                          "max": 3.0}
-    assert m["vocabulary"] == {"size": 15, "distinct_1": 0.625, "distinct_2": 0.7619}
+    assert {k: m["vocabulary"][k] for k in ("size", "distinct_1", "distinct_2")} == {
+        "size": 15, "distinct_1": 0.625, "distinct_2": 0.7619}
     assert m["categories"] == {"grounded": 2, "present": 3, "coverage": 0.6667}
     assert m["phrases"] == {
         "total": 3, "per_record_mean": 1.0, "instance": 2, "cluster": 1, "instance_share": 0.6667,
@@ -207,9 +215,21 @@ def test_by_split_mirrors_the_geopixeld_reference(build):
     assert m["by_split"]["val"] == {
         "records": 2, "phrases": 2, "instance_phrases": 1, "cluster_phrases": 1, "objects": 4,
         "caption_chars_mean": 60.5, "phrases_per_record": 1.0, "instance_share": 0.5,
-        "objects_per_record": 2.0,
+        "objects_per_record": 2.0, "plain_caption_chars_mean": 45.5,
+        "fivegrams_top": {"a few ships are moored": 0.5, "a red car the small": 0.5,
+                          "car the small vehicle is": 0.5, "few ships are moored calm": 0.5,
+                          "red car the small vehicle": 0.5},
+        "frequent_fivegrams": 11,
         "calls_per_record": {"holistic": 1.0, "instance": 1.0, "cluster": 0.5, "total": 2.5}}
     assert m["by_split"]["train"]["caption_chars_mean"] == 45.0
+    assert m["by_split"]["train"]["plain_caption_chars_mean"] == 30.0
+    assert m["by_split"]["train"]["fivegrams_top"] == {"the small vehicle is parked": 1.0}
+    assert m["by_split"]["train"]["frequent_fivegrams"] == 1
+    # over all three captions: no five-gram is in two of them, so each is in a third
+    vocabulary = m["vocabulary"]
+    assert set(vocabulary["fivegrams_top"].values()) == {0.3333}
+    assert len(vocabulary["fivegrams_top"]) == QAParams().fivegram_top
+    assert vocabulary["frequent_fivegrams"] == 11 + 1  # > 30%: all of them
     ref = m["reference"]["geopixeld"]
     assert ref == GEOPIXELD_REFERENCE
     assert ref["train"]["caption_chars_mean"] == 740 and ref["test"]["caption_chars_mean"] == 647
@@ -304,7 +324,7 @@ def test_report_folder_layout_and_paging(build):
     report = build / "report"
     facts = json.loads((report / "report.json").read_text())
     assert facts == {"stage": "qa", "shards": 2, "records": 3, "dropped": 1, "pages": 1,
-                     "tiles_shown": 2}
+                     "tiles_shown": 2, "claims_failed_records": 1}
     # shards in name order (train before val), records in shard order
     assert sorted(p.name for p in (report / "tiles").iterdir()) == ["A.jpg", "D.jpg"]
     index = (report / "data" / "index.js").read_text()
@@ -313,9 +333,11 @@ def test_report_folder_layout_and_paging(build):
     assert data["pages"] == ["page-0001.html"]
     assert data["facets"] == {"category": ["Small_Vehicle"], "backend": ["openai", "template"],
                               "model": ["openai-model", "template-model"],
-                              "review": ["accepted", "unreviewed"], "split": ["train", "val"]}
-    assert data["tiles"] == [["D", 0, [[0], [0], [0], [1], [0]]],
-                             ["A", 0, [[0], [1], [1], [0], [1]]]]
+                              "review": ["accepted", "unreviewed"], "split": ["train", "val"],
+                              "claims": ["failed", "none failed"]}
+    # A (a failed claim) before D, though D's shard comes first
+    assert data["tiles"] == [["A", 0, [[0], [1], [1], [0], [1], [0]]],
+                             ["D", 0, [[0], [0], [0], [1], [0], [1]]]]
     page = (report / "page-0001.html").read_text()
     assert 'data-tile="A"' in page and 'data-tile="B"' not in page
     assert {p.name for p in (report / "assets").iterdir()} == {"report.js", "report.css"}
@@ -382,3 +404,91 @@ def test_a_record_whose_tile_is_missing_is_refused(build):
     write_records(build / "tiles" / VAL, tiles[1:], Tile)  # A's tile gone
     with pytest.raises(BadRecordError, match="names tile A"):
         run(build)
+
+
+def test_claims_block_and_file_known_answers(build):
+    m = run(build)
+    assert m["claims"] == {
+        "checked": 5, "agree": 0.8, "disagree": 1, "records_checked": 3,
+        "records_with_failed": 1,
+        "position": {"checked": 0, "agree": 0.0, "disagree": 0},
+        "count": {"checked": 1, "agree": 1.0, "disagree": 0},
+        "category": {"checked": 3, "agree": 1.0, "disagree": 0},
+        "colour": {"checked": 1, "agree": 0.0, "disagree": 1},
+        "size": {"checked": 0, "agree": 0.0, "disagree": 0}}
+    table = pq.read_table(build / "report" / CLAIMS_FILE)
+    assert table.schema.equals(CLAIMS_SCHEMA, check_metadata=False)
+    assert table.schema.metadata[b"geopixeld.record"] == b"CheckedClaim"
+    rows = {(r["record_id"], r["type"]): r for r in table.to_pylist()}
+    assert len(rows) == 5
+    red = rows[("A", "colour")]
+    assert (red["phrase"], red["phrase_text"], red["words"], red["verdict"]) == (
+        0, "small vehicle-1", "red", "disagree")
+    assert red["expected"].startswith("grey (median RGB 100, 100, 100)")
+    assert rows[("B", "count")]["words"] == "a few ships"
+    assert {r["verdict"] for k, r in rows.items() if k != ("A", "colour")} == {"agree"}
+
+
+def test_without_tiles_claims_need_no_pixels(build):
+    m = run(build, tiles_dir=None)
+    # no pixels: the colour claim is not checked; category and count still are
+    assert (m["claims"]["checked"], m["claims"]["colour"]["checked"],
+            m["claims"]["records_with_failed"]) == (4, 0, 0)
+
+
+def _tile_articles(html: str) -> list[tuple[str, list[str]]]:
+    """(tile id, failed claims' texts) of each tile article of a report page, in page order."""
+    from html.parser import HTMLParser
+
+    class Articles(HTMLParser):
+        def __init__(self):
+            super().__init__()
+            self.found, self.claim = [], None
+
+        def handle_starttag(self, tag, attrs):
+            attrs = dict(attrs)
+            if tag == "article":
+                self.found.append((attrs["data-tile"], []))
+            elif tag == "li" and "claim" in (attrs.get("class") or "").split():
+                self.claim = []
+
+        def handle_endtag(self, tag):
+            if tag == "li" and self.claim is not None:
+                self.found[-1][1].append(" ".join("".join(self.claim).split()))
+                self.claim = None
+
+        def handle_data(self, data):
+            if self.claim is not None:
+                self.claim.append(data)
+
+    parser = Articles()
+    parser.feed(html)
+    return parser.found
+
+
+def test_report_lists_records_with_failed_claims_first_with_each_claim(build):
+    run(build, params=qa_params())  # two tiles a page: A, then D, then B
+    report = build / "report"
+    first, second = ((report / f"page-000{i}.html").read_text() for i in (1, 2))
+    articles = _tile_articles(first) + _tile_articles(second)
+    assert [tile for tile, _ in articles] == ["A", "D", "B"]
+    (_, failed), *rest = articles
+    assert failed == [("small vehicle-1 colour: \u201cred\u201d \u2014 masks: grey "
+                       "(median RGB 100, 100, 100)")]
+    assert all(not f for _, f in rest)
+    assert 'data-failed-claims="1"' in first and "all 1 claim agree" in first
+    index = (report / "index.html").read_text()
+    assert 'href="page-0001.html#claims=failed"' in index
+    assert "<td>colour</td><td>1</td><td>0</td><td>1</td>" in index
+
+
+def test_failed_claims_are_escaped_in_the_report(build):
+    evil = "<b>evil</b>"
+    records = read_records(build / "records" / TRAIN, GroundedRecord)
+    phrase = records[0].phrases[0].model_copy(update={"category": evil})
+    write_records(build / "records" / TRAIN,
+                  [records[0].model_copy(update={"phrases": [phrase]})], GroundedRecord)
+    m = run(build, params=qa_params())
+    assert m["claims"]["category"] == {"checked": 3, "agree": 0.6667, "disagree": 1}
+    page = (build / "report" / "page-0001.html").read_text()
+    assert evil not in page and "&lt;b&gt;evil&lt;/b&gt;" in page

@@ -3,7 +3,8 @@ a real small build, and the decisions it writes are the ones it made, applied by
 stage at the next build.
 
 The build: the real iSAID val image P0003 (four devkit tiles) through prepare, plan, the three
-template annotate passes, compose, review (no decisions yet) and export, in tmp_path.
+template annotate passes, compose, review (no decisions yet) and export, in tmp_path. The queue
+puts records with failed claims (the qa stage's claims file) first.
 """
 
 from __future__ import annotations
@@ -20,7 +21,8 @@ from jupyter_client.kernelspec import KernelSpecManager
 from nbclient import NotebookClient
 
 from pipeline.core.params import Params
-from pipeline.formats.review_view import load_records
+from pipeline.formats.review_view import failed_first, load_claims, load_records
+from pipeline.geometry.claims import Claim, RecordClaims, claim_rows, write_claims
 from pipeline.stages.annotate import run_annotate
 from pipeline.stages.compose.stage import run_compose
 from pipeline.stages.export import run_export
@@ -70,9 +72,12 @@ def _kernel_name(tmp_path: Path, monkeypatch) -> str:
     return "python3"
 
 
-def _execute(nb, tmp_path: Path, monkeypatch, build: dict, mode: str):
+def _execute(nb, tmp_path: Path, monkeypatch, build: dict, mode: str,
+             claims: Path | None = None, decisions: Path | None = None):
     monkeypatch.setenv("GEOPIXELD_EXPORT", str(build["out"] / "export" / "parquet"))
-    monkeypatch.setenv("GEOPIXELD_DECISIONS", str(build["decisions"]))
+    # no claims file unless given: the queue keeps the export's order
+    monkeypatch.setenv("GEOPIXELD_CLAIMS", str(claims or tmp_path / "no-claims.parquet"))
+    monkeypatch.setenv("GEOPIXELD_DECISIONS", str(decisions or build["decisions"]))
     monkeypatch.setenv("GEOPIXELD_REVIEWER", "nb-test")
     monkeypatch.setenv("GEOPIXELD_REVIEW_MODE", mode)
     client = NotebookClient(nb, timeout=120, kernel_name=_kernel_name(tmp_path, monkeypatch),
@@ -90,6 +95,34 @@ def test_committed_notebook_has_no_outputs():
     nb = nbformat.read(NOTEBOOK, as_version=4)
     assert all(not c.get("outputs") and c.get("execution_count") is None
                for c in nb.cells if c.cell_type == "code")
+
+
+def test_notebook_queue_puts_records_with_failed_claims_first(build, tmp_path, monkeypatch):
+    records = load_records(build["out"] / "export" / "parquet")
+    assert len(records) >= 3 and all(r.review == "unreviewed" for r in records)
+    late = records[-1]  # last in export order, the only one with a failed claim
+    claims = tmp_path / "claims.parquet"
+    wrong = Claim(phrase=0, type="colour", words="purple <b>", expected="grey", verdict="disagree")
+    rows = [row for r in records for row in claim_rows(RecordClaims(
+        record_id=r.record_id, tile_id=r.tile_id, split=r.split,
+        phrase_texts=tuple(p.text for p in r.phrases),
+        claims=(Claim(phrase=0, type="category", words="x", expected="x", verdict="agree"),)
+        + ((wrong,) if r is late else ())))]
+    write_claims(claims, rows)
+    assert failed_first(records, load_claims(claims))[0] is late
+
+    nb = _execute(nbformat.read(NOTEBOOK, as_version=4), tmp_path, monkeypatch, build, "calls",
+                  claims=claims, decisions=tmp_path / "decisions.jsonl")
+    html = _outputs(nb, "text/html")
+    headings = [h for h in html if h.startswith("<h4>")]
+    assert [r.record_id for r in records if r.record_id in headings[0]] == [late.record_id]
+    assert [next(r.record_id for r in records if r.record_id in h) for h in headings] == \
+        [late.record_id] + [r.record_id for r in records[:2]]
+    shown_claims = [h for h in html if "contradicted by the masks" in h]
+    assert len(shown_claims) == 1 and "purple &lt;b&gt;" in shown_claims[0]
+    printed = "".join(o.get("text", "") for c in nb.cells if c.cell_type == "code"
+                      for o in c.get("outputs", []))
+    assert f"{len(records)} to review (1 with failed claims)" in printed
 
 
 def test_notebook_plain_calls_write_decisions_the_review_stage_applies(build, tmp_path,

@@ -243,3 +243,138 @@ def test_identical_captions_score_top_cider_and_meteor():
     assert result["cider"] == pytest.approx(10.0, rel=1e-3)  # CIDEr-D of an exact match
     assert result["meteor"] > 0.9
     assert result["skipped"] == {}
+
+
+# --- uni-target / multi-target split (GeoPixel's Table 2) ------------------------------------
+
+TANKS = [box(40, 40, 8, 8), box(52, 40, 8, 8), box(40, 52, 8, 8)]  # three separate instances
+COURT = square(0, 0)
+MIXED = [GTItem("tile", "A <p> tennis court </p> [SEG] by <p> storage tanks </p> [SEG] .",
+                [("tennis court", COURT), ("storage tanks", masks.union(TANKS))], [1, 3])]
+OLD_KEYS = {"ap50", "miou", "miou_glamm", "recall", "recall_glamm", "text_encoder",
+            "text_threshold", "iou_threshold", "cider", "meteor", "computed", "skipped", "counts"}
+
+
+def split_of(result: dict, name: str) -> tuple[float, float, float]:
+    return result[name]["ap50"], result[name]["miou"], result[name]["recall"]
+
+
+@pytest.mark.parametrize("found, missed", [("uni_target", "multi_target"),
+                                           ("multi_target", "uni_target")])
+def test_one_subset_found_scores_one_the_other_zero(found, missed):
+    row = 0 if found == "uni_target" else 1
+    text, mask = MIXED[0].phrases[row]
+    result = evaluate([PredItem("tile", "", [text], [mask])], MIXED)
+    assert split_of(result, found) == pytest.approx((1.0, 1.0, 1.0))
+    assert split_of(result, missed) == pytest.approx((0.0, 0.0, 0.0))
+    assert result["miou"] == result["recall"] == pytest.approx(0.5)
+    assert 0.0 < result["ap50"] < 1.0  # one of two phrases found, no false positive
+    for name in ("uni_target", "multi_target"):
+        assert result[name]["phrases"] == result[name]["images"] == 1
+    assert result["counts"]["gt_phrases"] == 2 and result["counts"]["targets_from_masks"] == 0
+
+
+def test_overall_miou_and_recall_are_phrase_weighted_means_of_the_subsets():
+    gt = [*MIXED, GTItem("tile-2", "", [("ship", square(30, 0)), ("harbor", square(0, 30)),
+                                        ("planes", masks.union([box(40, 40, 5, 5),
+                                                                box(50, 50, 5, 5)]))],
+                         [1, 1, 2])]
+    pred = [PredItem("tile", "", ["tennis court"], [square(5, 0)]),  # IoU 0.6
+            PredItem("tile-2", "", ["ship", "planes", "dock"],
+                     [square(30, 0), masks.union([box(40, 40, 5, 5), box(50, 50, 5, 5)]),
+                      square(0, 40)])]  # the harbor found with IoU 1/3, wrong phrase
+    result = evaluate(pred, gt)
+    uni, multi = result["uni_target"], result["multi_target"]
+    assert (uni["phrases"], multi["phrases"]) == (3, 2)
+    assert (uni["images"], multi["images"]) == (2, 2)
+    assert uni["miou"] == pytest.approx((0.6 + 1.0 + 1 / 3) / 3)
+    assert multi["miou"] == pytest.approx(0.5)
+    assert uni["recall"] == pytest.approx(2 / 3) and multi["recall"] == pytest.approx(0.5)
+    for key in ("miou", "recall", "recall_glamm"):
+        assert result[key] == pytest.approx((3 * uni[key] + 2 * multi[key]) / 5), key
+
+
+def test_prediction_of_a_multi_target_phrase_is_no_false_positive_of_the_uni_target_ap():
+    court, tanks = MIXED[0].phrases
+    cases = {
+        "well placed": masks.union(TANKS),
+        "badly placed": TANKS[0],  # IoU 1/3 with the tanks: a false positive of multi-target only
+    }
+    for how, tank_mask in cases.items():
+        pred = [PredItem("tile", "", [court[0], tanks[0]], [court[1], tank_mask])]
+        result = evaluate(pred, MIXED)
+        assert result["uni_target"]["ap50"] == pytest.approx(1.0), how
+        assert result["uni_target"]["ignored_pred_masks"] == 1, how
+        assert result["multi_target"]["ignored_pred_masks"] == 1, how  # the court's mask
+    assert result["multi_target"]["ap50"] == pytest.approx(0.0)
+
+    # a mask overlapping no ground truth at all stays a false positive of both subsets
+    both = [PredItem("tile", "", [court[0], tanks[0], "ship"],
+                     [court[1], masks.union(TANKS), box(25, 0, 10, 10)])]
+    result = evaluate(both, MIXED)
+    assert result["uni_target"]["ap50"] < 1.0 and result["multi_target"]["ap50"] < 1.0
+    assert result["uni_target"]["ignored_pred_masks"] == 1
+
+
+def test_instance_counts_fall_back_to_mask_components():
+    touching = masks.union([box(0, 40, 10, 10), box(10, 40, 10, 10)])  # merge: one component
+    gt = [GTItem("tile", "", [("tennis court", COURT), ("storage tanks", masks.union(TANKS)),
+                              ("vehicles", touching)])]
+    result = evaluate([], gt)
+    assert result["uni_target"]["phrases"] == 2 and result["multi_target"]["phrases"] == 1
+    assert result["counts"]["targets_from_masks"] == 3
+    # a known count wins over the mask, None entries are counted on it
+    result = evaluate([], [GTItem("tile", "", gt[0].phrases, [None, 1, 2])])
+    assert result["uni_target"]["phrases"] == 2 and result["multi_target"]["phrases"] == 1
+    assert result["counts"]["targets_from_masks"] == 1
+    with pytest.raises(BadAnnotationError):
+        evaluate([], [GTItem("tile", "", gt[0].phrases, [1])])
+
+
+def test_split_without_phrases_of_a_subset_is_none():
+    result = evaluate(perfect_predictions()[:1], [GT[0]._replace(targets=[1, 1])])
+    assert result["multi_target"]["phrases"] == 0
+    assert split_of(result, "multi_target") == (None, None, None)
+    assert split_of(result, "uni_target") == pytest.approx((1.0, 1.0, 1.0))
+
+
+def test_metrics_file_keeps_overall_keys_and_adds_the_split(tmp_path):
+    record = grounded_record(MIXED[0])
+    record = record.model_copy(update={"phrases": [
+        record.phrases[0], record.phrases[1].model_copy(update={"object_ids": [4, 5, 6]})]})
+    write_records(tmp_path / shard_name("val", 0, 1), [record], GroundedRecord)
+    assert load_ground_truth(tmp_path, "val")[0].targets == [1, 3]
+    pred_path = tmp_path / "predictions.json"
+    pred_path.write_text(json.dumps([{"image_id": "tile", "caption": "",
+                                      "phrases": ["tennis court"],
+                                      "pred_masks": [rle_json(COURT)]}]))
+    out = tmp_path / "metrics" / "rs_gcg.json"
+    run_evaluate(tmp_path, "val", pred_path, out, encoder=ENCODER, captions=False)
+    written = json.loads(out.read_text())
+    assert OLD_KEYS | {"split", "predictions"} <= written.keys()
+    assert written["recall"] == pytest.approx(0.5) and written["miou"] == pytest.approx(0.5)
+    assert written["counts"]["gt_phrases"] == 2
+    for name, value in (("uni_target", 1.0), ("multi_target", 0.0)):
+        assert {"ap50", "miou", "recall", "phrases"} <= written[name].keys()
+        assert (written[name]["ap50"], written[name]["recall"]) == pytest.approx((value, value))
+        assert written[name]["phrases"] == 1
+
+
+def test_export_parquet_object_ids_give_the_counts(tmp_path):
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    from finetune.evaluate import load_split_ground_truth
+
+    (text_a, mask_a), (text_b, mask_b) = MIXED[0].phrases
+    columns = {"record_id": ["tile"], "split": ["val"], "caption": [MIXED[0].caption],
+               "image": [None], "phrases": [[text_a, text_b]],
+               "masks": [[rle_json(mask_a), rle_json(mask_b)]]}
+    for folder, ids in (("with-ids", [[[7], [8, 9, 10]]]), ("without-ids", None)):
+        table = pa.table({**columns, **({"object_ids": ids} if ids else {})})
+        (tmp_path / folder).mkdir()
+        pq.write_table(table, tmp_path / folder / shard_name("val", 0, 1))
+        loaded = load_split_ground_truth(tmp_path / folder, "val")
+        result = evaluate([], loaded)
+        assert (result["uni_target"]["phrases"], result["multi_target"]["phrases"]) == (1, 1)
+        assert result["counts"]["targets_from_masks"] == (0 if ids else 2), folder

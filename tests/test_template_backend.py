@@ -17,7 +17,7 @@ import pytest
 
 from annotators import attributes as attr
 from annotators.base import AnnotationContext, Backend, get_backend
-from annotators.template import TemplateBackend
+from annotators.template import ARRANGEMENT_WORDS, ORIENTATION_WORDS, TemplateBackend
 from pipeline.core.imaging import encode_png, sha256
 from pipeline.core.params import BackendParams
 from pipeline.geometry import masks
@@ -178,11 +178,18 @@ def test_colour_palette():
     ((300, 100, 314, 180), "oriented vertically"),
 ])
 def test_orientation_of_synthetic_rectangles(box, words):
+    """The measured orientation, said in one of its wordings whenever an answer states one
+    (an instance answer states its colour and at most one more attribute), never another."""
     pixels = np.full((400, 400, 3), 90, dtype=np.uint8)
     obj = instance(5000, "Large_Vehicle", rectangle((400, 400), *box))
     t = make_tile(pixels, [obj], "synthetic_0_400_0_400")
-    (response,) = annotate([t], [request(t, "instance", "r", [5000], "Large_Vehicle")])
-    assert words in response.text, response.text
+    assert attr.orientation_words(attr.mask_shape(rectangle((400, 400), *box))) == words
+    texts = [annotate([t], [request(t, "instance", "r", [5000], "Large_Vehicle")],
+                      seed=seed)[0].text for seed in range(12)]
+    said = [any(w in text for w in ORIENTATION_WORDS[words]) for text in texts]
+    assert any(said), texts
+    others = [w for k, ws in ORIENTATION_WORDS.items() if k != words for w in ws]
+    assert not any(w in text for text in texts for w in others), texts
 
 
 def test_orientation_of_diagonals_and_round_shapes():
@@ -218,12 +225,31 @@ def test_cluster_arrangement_in_a_row_and_scattered():
     spread = [instance(2000 + k, "Small_Vehicle", rectangle(shape, x, y, x + 10, y + 10))
               for k, (x, y) in enumerate([(20, 200), (300, 380), (560, 210), (150, 330)])]
     t = make_tile(np.full(shape + (3,), 100, np.uint8), row + spread, "rows_0_400_0_600")
-    row_text, spread_text = (r.text.lower() for r in annotate([t], [
-        request(t, "cluster", "row", [o.object_id for o in row], "Small_Vehicle", "top"),
-        request(t, "cluster", "spread", [o.object_id for o in spread], "Small_Vehicle")]))
-    assert "six small vehicles" in row_text and "in a row" in row_text, row_text
-    assert "parked side by side" in row_text, row_text
-    assert "four small vehicles" in spread_text and "scattered" in spread_text, spread_text
+    measure = attr.measure_tile(t)
+    assert attr.group_arrangement([measure.objects[o.object_id].shape for o in row],
+                                  [o.area for o in row], "Small_Vehicle") == \
+        "parked side by side in a row"
+    assert attr.group_arrangement([measure.objects[o.object_id].shape for o in spread],
+                                  [o.area for o in spread], "Small_Vehicle") == "scattered"
+    # a cluster answer states its count and its arrangement or its colours: over several
+    # requests both arrangements are said, each only in its own wordings
+    said = {"row": [], "spread": []}
+    for k in range(8):
+        row_text, spread_text = (r.text.lower() for r in annotate([t], [
+            request(t, "cluster", f"row{k}", [o.object_id for o in row], "Small_Vehicle",
+                    "top"),
+            request(t, "cluster", f"spread{k}", [o.object_id for o in spread],
+                    "Small_Vehicle")]))
+        assert "six small vehicles" in row_text, row_text
+        assert "four small vehicles" in spread_text, spread_text
+        said["row"].append(row_text)
+        said["spread"].append(spread_text)
+    for key, canonical in (("row", "parked side by side in a row"), ("spread", "scattered")):
+        own = ARRANGEMENT_WORDS[canonical]
+        assert any(any(w in text for w in own) for text in said[key]), said[key]
+        other = "scattered" if key == "row" else "parked side by side in a row"
+        assert not any(w in text for text in said[key] for w in ARRANGEMENT_WORDS[other]
+                       if w not in own), said[key]
 
 
 def test_texts_are_deterministic_and_seeded():

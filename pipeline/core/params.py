@@ -16,11 +16,12 @@ import re
 import typing
 import unicodedata
 from pathlib import Path
-from typing import Annotated, Literal, Mapping, Optional
+from typing import Annotated, Literal, Mapping, Optional, Union
 
 import yaml
 from pydantic import (
     AfterValidator,
+    AliasChoices,
     BaseModel,
     BeforeValidator,
     ConfigDict,
@@ -424,7 +425,7 @@ class BackendParams(Section):
     every model backend's answers pass (limits, re-asks)."""
 
     name: Literal["template", "openai", "transformers"] = "template"
-    model: str = "template-v1"
+    model: str = "template-v2"
     temperature: float = Field(0.0, ge=0, le=2)
     max_tokens: int = Field(128, ge=1, le=8192)
     seed: int = 0
@@ -537,10 +538,18 @@ class ReviewParams(Section):
 
 
 class ExportParams(Section):
+    """Export: Parquet, COCO and the GeoPixel layout, and the instruction each record asks."""
+
     records_per_shard: int = Field(256, ge=1, le=100_000)
-    geopixel_question: PlainText = (
-        "Could you perform an in-depth analysis of this photo, including interleaved "
-        "segmentation masks to map each part of your answer to specific image object?")
+    instruction_list: str = Field(
+        "v1", description="version of the grounded-description instructions, "
+        "prompts/instructions/<version>.txt")
+    instruction: Union[int, str] = Field(
+        "", validation_alias=AliasChoices("instruction", "geopixel_question"),
+        description="the human turn of every exported record: \"\" = one instruction per "
+        "record from instruction_list, chosen by its record id (the same on every run); a "
+        "number n = the list's n-th instruction for all records; any other text = that text "
+        "for all (read from the former key geopixel_question too)")
     geopixel_prefix: str = "data/GeoPixelD"
     split_names: dict[SafeName, SafeName] = Field(
         default_factory=lambda: {"train": "train", "val": "test", "test": "unlabeled"},
@@ -551,14 +560,69 @@ class ExportParams(Section):
     row_group_size: int = Field(
         100, ge=1, le=100_000, description="Parquet rows per row group (~100 suits image rows)")
 
+    @model_validator(mode="before")
+    @classmethod
+    def _one_instruction_key(cls, data: object) -> object:
+        if isinstance(data, dict) and {"instruction", "geopixel_question"} <= data.keys():
+            raise ParamsConflict("geopixel_question", "the former name of instruction: give "
+                                 "one of the two")
+        return data
+
+    @field_validator("instruction", mode="plain")
+    @classmethod
+    def _instruction_choice(cls, value: object) -> int | str:
+        # "", a number in the list (from 1), or a text checked like every text of a sample
+        if isinstance(value, bool) or not isinstance(value, (int, str)):
+            raise ValueError(f"{_shown(value)} is neither \"\", an instruction number nor a "
+                             "text")
+        if isinstance(value, int):
+            if value < 1:
+                raise ValueError(f"{value} is not an instruction number (they count from 1)")
+            return value
+        return value if value == "" else _plain_text(value)
+
+    @field_validator("instruction_list")
+    @classmethod
+    def _known_list(cls, value: str) -> str:
+        if value not in prompts.instruction_versions():
+            raise ValueError(f"{_shown(value)} is not an instruction list; available: "
+                             f"{', '.join(prompts.instruction_versions())} "
+                             "(prompts/instructions/*.txt)")
+        return value
+
+    @model_validator(mode="after")
+    def _instruction_in_list(self) -> "ExportParams":
+        texts = prompts.instructions(self.instruction_list)
+        for n, text in enumerate(texts, 1):
+            try:
+                _plain_text(text)
+            except ValueError as exc:
+                raise ParamsConflict("instruction_list", f"instruction {n} of list "
+                                     f"{self.instruction_list} {exc}") from None
+        count = len(texts)
+        if isinstance(self.instruction, int) and self.instruction > count:
+            raise ParamsConflict("instruction", f"instruction {self.instruction}: list "
+                                 f"{self.instruction_list} has instructions 1 to {count}")
+        return self
+
+    def instruction_for(self, record_id: str) -> prompts.Instruction:
+        """The instruction a record asks (`instruction`): its own pick from the list, the
+        list's instruction n, or the one text given."""
+        if self.instruction == "":
+            return prompts.pick_instruction(record_id, self.instruction_list)
+        if isinstance(self.instruction, int):
+            return prompts.numbered_instruction(self.instruction, self.instruction_list)
+        return prompts.Instruction("custom", self.instruction)
+
 
 class QAParams(Section):
     """Quality report: metrics/qa.json, DVC plots and the HTML report of tiles over masks."""
 
     tiles_per_page: int = Field(50, ge=1, le=1000, description="tiles on one HTML report page")
     max_tiles: Optional[int] = Field(
-        None, ge=1, description="tiles shown in the HTML report, first in shard order "
-        "(null = all); the metrics always cover every record")
+        None, ge=1, description="tiles shown in the HTML report, first in shard order, each "
+        "shard's share going to its records with failed claims first (null = all); the metrics "
+        "and the claims file always cover every record")
     thumbnail_size: int = Field(512, ge=64, le=4096,
                                 description="longest side (px) of a tile image in the report")
     jpeg_quality: int = Field(75, ge=1, le=100, description="JPEG quality of report images")
@@ -570,6 +634,21 @@ class QAParams(Section):
         default_factory=lambda: {"train": "train", "val": "test"},
         description="our split -> the GeoPixelD split its figures are compared with "
                     "(GeoPixelD's test came from iSAID val)")
+    claim_colour_delta_e: float = Field(
+        25.0, ge=0, le=200, description="a colour word fits an instance whose median colour "
+        "the namer names so, or lies within this CIELAB distance (CIE76 delta E) of the word's "
+        "reference colour (about the step between two neighbouring greys of the namer)")
+    claim_size_tolerance: float = Field(
+        1.25, ge=1, le=10, description="a size word fits when the instance's area ratio lies in "
+        "the word's band widened by this factor on each side")
+    claim_group_share: float = Field(
+        0.5, gt=0, le=1, description="a group phrase's position, single colour or size word "
+        "agrees when at least this share of its instances fit it")
+    fivegram_top: int = Field(5, ge=0, le=100,
+                              description="most repeated word five-grams listed per split")
+    fivegram_share: float = Field(
+        0.3, gt=0, le=1, description="a five-gram in more than this share of a split's "
+        "captions counts as boilerplate (qa.json by_split.<split>.frequent_fivegrams)")
 
 
 class ImageryParams(Section):
@@ -667,7 +746,13 @@ class FinetuneParams(Section):
     question: PlainText = Field(
         "Could you perform an in-depth analysis of this photo, including interleaved "
         "segmentation masks to map each part of your answer to specific image object?",
-        description="the user turn of every sample (GeoPixelD's question)")
+        description="the user turn of every sample (GeoPixelD's question); with "
+        "record_instructions, only of samples that carry no instruction, and always the "
+        "question asked when predicting for evaluation")
+    record_instructions: bool = Field(
+        True, description="train on each record's own instruction (the export's `instruction` "
+        "column, varied per record as GeoPixelD and GLaMM's GCG data are); false = `question` "
+        "for every sample")
     seg_token: str = SEG
     max_answer_tokens: int = Field(
         1536, ge=8, le=65536, description="longer captions are cut; [SEG]s cut off lose "

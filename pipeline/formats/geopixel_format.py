@@ -14,10 +14,15 @@ The layout (what the GeoPixel repository's loader reads, relative to its working
 `int(float(k) * 1000)` (its `--given_num True` reading) gives back exactly the sample count:
 three decimals, or four ending in 5 (half a sample) where float rounding would lose one.
 
-`polygons[i]` holds the polygons of the i-th [SEG]: the outer contours of its mask
-(`pipeline.geometry.masks.contours`), integer [x, y] points. The loader fills each polygon with
-`cv2.fillPoly` and ORs them, so holes in a mask are lost (a ring comes back filled); contours of
-one or two points are kept, since fillPoly draws them as a pixel or a line.
+`polygons[i]` holds the polygons of the i-th [SEG]: the outer contours
+(`pipeline.geometry.masks.contours`, integer [x, y] points) of each of its member instances'
+masks in turn, in the phrase's `object_ids` order (an instance in several parts gives several),
+so that touching instances of a group stay apart; a phrase whose members are not in the tile, or
+do not make up its mask, gets its mask's contours (`pipeline.geometry.masks.member_masks`). The
+loader fills each polygon with `cv2.fillPoly` and ORs them, giving back the phrase's mask except
+that holes are lost (a ring comes back filled); contours of one or two points are kept, since
+fillPoly draws them as a pixel or a line. The human turn of each list entry is the record's
+instruction (`ExportParams.instruction_for`).
 
 Reading (`read_geopixel`) accepts the released list and the inline alternative
 `"segmentation": [COCO RLE, ...]`. A path in the list is looked up first under `root` as written
@@ -34,7 +39,7 @@ import json
 import re
 from collections import defaultdict
 from pathlib import Path
-from typing import Iterable, Mapping, Protocol, Sequence
+from typing import Iterable, Mapping, Optional, Protocol, Sequence
 
 import cv2
 import numpy as np
@@ -93,11 +98,27 @@ def samples_in_thousands(count: int) -> str:
     return text
 
 
-def sample_json(sample_id: int, image: str, record: GroundedRecord) -> str:
+def phrase_polygons(mask: RLE, object_ids: Sequence[int],
+                    instance_masks: Mapping[int, RLE]) -> list[list[np.ndarray]]:
+    """The polygons of a phrase's [SEG] (its `mask`, its members `object_ids`), per member
+    instance in `object_ids` order: each member's outer contours (a single list, its mask's
+    contours, when the members cannot be used: `masks.member_masks`). `instance_masks` maps the
+    tile's object ids to their masks."""
+    members = [instance_masks.get(i) for i in object_ids]
+    return [masks.rle_contours(m) for m in masks.member_masks(mask, members)]
+
+
+def sample_json(sample_id: int, image: str, record: GroundedRecord,
+                instance_masks: Optional[Mapping[int, RLE]] = None) -> str:
     """A per-tile polygon file's text, as the release writes it (`json.dumps` of id, img,
-    gcg_description, polygons), the polygons written straight from the contour arrays."""
+    gcg_description, polygons), the polygons written straight from the contour arrays: per
+    [SEG], its members' polygons one after another (`phrase_polygons`; without
+    `instance_masks`, the outline of each phrase's mask)."""
     head = json.dumps({"id": sample_id, "img": image, "gcg_description": record.caption})
-    polygons = masks.polygons_json([masks.rle_contours(p.mask) for p in record.phrases])
+    polygons = masks.polygons_json([
+        [poly for member in phrase_polygons(p.mask, p.object_ids, instance_masks or {})
+         for poly in member]
+        for p in record.phrases])
     return f'{head[:-1]}, "polygons": {polygons}}}'
 
 
@@ -131,13 +152,21 @@ def _dump(path: Path, payload: object, indent: int | None = None) -> None:
                        encoding="ascii")
 
 
+class InstanceMask(Protocol):
+    """What a sample needs of an instance (an `ObjectInstance`, or a lighter row)."""
+
+    object_id: int
+    mask: RLE
+
+
 class TileImage(Protocol):
-    """What a sample needs of its tile (a `Tile`, or a row read without its instances)."""
+    """What a sample needs of its tile (a `Tile`, or a row read without validation)."""
 
     tile_id: str
     height: int
     width: int
     image_png: bytes
+    objects: Sequence[InstanceMask]
 
 
 def _write(path: Path, data: bytes, atomic: bool) -> None:
@@ -181,10 +210,13 @@ def write_geopixel_samples(pairs: Iterable[tuple[GroundedRecord, TileImage]], ou
         next_id[folder] += 1
         folder_dir.mkdir(parents=True, exist_ok=True)
         _write(png_path, tile.image_png, atomic)
-        _write(json_path, sample_json(sample_id, image, record).encode("ascii"), atomic)
+        instance_masks = {o.object_id: o.mask for o in tile.objects}
+        _write(json_path, sample_json(sample_id, image, record, instance_masks).encode("ascii"),
+               atomic)
         items[folder].append({
             "id": sample_id,
-            "conversations": [{"from": "human", "value": export.geopixel_question},
+            "conversations": [{"from": "human",
+                               "value": export.instruction_for(record.record_id).text},
                               {"from": "bot", "value": record.caption}],
             "image": image,
             "polygons": f"{prefix}/{folder}/{name}.json",

@@ -1,7 +1,9 @@
 """The QA report: one folder that opens from disk (file://, no server, no network).
 
-    index.html            summary: our figures beside GeoPixelD's, charts, browse-by tables, metrics
-    page-0001.html ...    `qa.tiles_per_page` tiles each, so 10,000 tiles stay fast
+    index.html            summary: our figures beside GeoPixelD's, claims checked, charts,
+                          browse-by tables, metrics
+    page-0001.html ...    `qa.tiles_per_page` tiles each, so 10,000 tiles stay fast; records with
+                          failed claims first, each failed claim listed under its caption
     drops.html            every dropped tile with its stage and reason
     tiles/<tile>.jpg      the tile with each phrase's mask filled and outlined in its colour
     data/index.js         every shown tile's page and facets (window.QA_INDEX)
@@ -12,9 +14,10 @@ thumbnails: the pages stay plain HTML and a browser decodes no masks. The review
 its overlays with the same function (`draw_phrases`). The i-th phrase of a record has the i-th
 colour of `PALETTE` in both its overlay and its caption highlight. The pages are jinja2
 templates (pipeline/formats/templates/report/, autoescaped: see `pipeline.formats.templating`).
-Filters (category, backend, model, review, split) run in report.js over data/index.js, which
-is a script, not JSON: Chromium refuses fetch() of local files. The filter lives in the URL
-hash (`#category=ship&backend=template`), so paging links keep it.
+Filters (category, backend, model, review, split, claims) run in report.js over data/index.js,
+which is a script, not JSON: Chromium refuses fetch() of local files. The filter lives in the
+URL hash (`#category=ship&backend=template`; `#claims=failed` shows only the records whose
+caption makes a claim its masks contradict), so paging links keep it.
 """
 
 from __future__ import annotations
@@ -36,6 +39,7 @@ from pipeline.core.shards import atomic_path
 from pipeline.formats.templating import macro, render
 from pipeline.geometry import masks
 from pipeline.geometry.categories import readable
+from pipeline.geometry.claims import CLAIM_TYPES
 from schemas import Phrase
 
 if TYPE_CHECKING:
@@ -44,7 +48,8 @@ if TYPE_CHECKING:
 IMAGE_FOLDER = "tiles"
 ASSETS = Path(__file__).resolve().parent / "report_assets"
 ASSET_FILES = ("report.css", "report.js")
-FACETS = ("category", "backend", "model", "review", "split")
+FACETS = ("category", "backend", "model", "review", "split", "claims")
+CLAIMS_FAILED, CLAIMS_NONE_FAILED = "failed", "none failed"  # values of the claims facet
 
 # 20 colours that stay apart from each other (Sasha Trubetskoy's list), as RGB; phrase i gets
 # PALETTE[i % 20].
@@ -168,7 +173,13 @@ def facets_of(record: "RecordFacts") -> dict[str, list[str]]:
     """The values a record is filtered by."""
     return {"category": sorted({p.category for p in record.phrases}),
             "backend": [record.backend], "model": [record.model],
-            "review": [record.review], "split": [record.split]}
+            "review": [record.review], "split": [record.split],
+            "claims": [CLAIMS_FAILED if record.failed_claims else CLAIMS_NONE_FAILED]}
+
+
+def failed_first(records: Sequence["RecordFacts"]) -> list["RecordFacts"]:
+    """Records with failed claims first, then the others, each in their given order."""
+    return sorted(records, key=lambda r: not r.failed_claims)
 
 
 def _number(value: object) -> str:
@@ -185,7 +196,13 @@ def _tile(record: "RecordFacts") -> dict:
             "height": height, "split": record.split, "backend": record.backend,
             "model": record.model, "review": record.review, "phrases": len(record.phrases),
             "objects": sum(p.objects for p in record.phrases), "chars": len(record.caption),
-            "caption": caption_parts(record.caption, record.phrases)}
+            "caption": caption_parts(record.caption, record.phrases),
+            "claims": len(record.claims),
+            "failed": [{"index": c.phrase, "colour": "{},{},{}".format(*phrase_colour(c.phrase)),
+                        "phrase": (record.phrases[c.phrase].text
+                                   if c.phrase < len(record.phrases) else ""),
+                        "type": c.type, "words": c.words, "expected": c.expected}
+                       for c in record.failed_claims]}
 
 
 def _tile_page(i: int, pages: int, records: Sequence["RecordFacts"]) -> str:
@@ -194,16 +211,24 @@ def _tile_page(i: int, pages: int, records: Sequence["RecordFacts"]) -> str:
                   tiles=[_tile(r) for r in records])
 
 
+# (our key, row label, GeoPixelD's key when it differs from ours)
 _COMPARED = (
-    ("records", "records (annotated patches)"), ("phrases", "grounded phrases"),
-    ("instance_phrases", "instance phrases"), ("cluster_phrases", "cluster (group) phrases"),
-    ("instance_share", "instance share of phrases"), ("objects", "objects grounded"),
-    ("phrases_per_record", "phrases per record"), ("objects_per_record", "objects per record"),
-    ("caption_chars_mean", "mean caption length (chars, tags included)"),
-    ("calls_per_record.holistic", "holistic calls per record"),
-    ("calls_per_record.instance", "instance calls per record"),
-    ("calls_per_record.cluster", "cluster calls per record"),
-    ("calls_per_record.total", "LMM calls per record"),
+    ("records", "records (annotated patches)", None), ("phrases", "grounded phrases", None),
+    ("instance_phrases", "instance phrases", None),
+    ("cluster_phrases", "cluster (group) phrases", None),
+    ("instance_share", "instance share of phrases", None), ("objects", "objects grounded", None),
+    ("phrases_per_record", "phrases per record", None),
+    ("objects_per_record", "objects per record", None),
+    ("caption_chars_mean", "mean caption length (chars, tags included)", None),
+    ("plain_caption_chars_mean", ("mean plain caption length (chars, tags removed; "
+                                  "GeoPixelD: its published mean, tags not stated)"),
+     "caption_chars_mean"),
+    ("frequent_fivegrams", "word five-grams in more than {share} of captions", None),
+    ("fivegrams_top", "most repeated word five-grams (share of captions)", None),
+    ("calls_per_record.holistic", "holistic calls per record", None),
+    ("calls_per_record.instance", "instance calls per record", None),
+    ("calls_per_record.cluster", "cluster calls per record", None),
+    ("calls_per_record.total", "LMM calls per record", None),
 )
 
 
@@ -216,21 +241,44 @@ def _dig(tree: dict, dotted: str) -> object:
     return node
 
 
+def _figure(value: object) -> str:
+    """A comparison cell: a number, or a ranking {text: share} as 'text (share); ...'."""
+    if isinstance(value, dict):
+        return "; ".join(f"{text} ({_number(share)})" for text, share in value.items()) or "none"
+    return _number(value)
+
+
 def comparison_table(metrics: dict, params: QAParams) -> dict:
     """GeoPixelD's figures, each split followed by ours that `qa.reference_splits` pairs with
     it; our other splits last: {"header", "rows"} for the `table` macro."""
     reference = metrics.get("reference", {}).get("geopixeld", {})
     ours = metrics.get("by_split", {})
-    columns = []
+    columns = []  # (header, figures, GeoPixelD's)
     for ref in reference:
-        columns.append((f"GeoPixelD {ref}", reference[ref]))
-        columns += [(f"ours: {split}", ours[split]) for split in sorted(ours)
+        columns.append((f"GeoPixelD {ref}", reference[ref], True))
+        columns += [(f"ours: {split}", ours[split], False) for split in sorted(ours)
                     if params.reference_splits.get(split) == ref]
-    columns += [(f"ours: {split}", ours[split]) for split in sorted(ours)
+    columns += [(f"ours: {split}", ours[split], False) for split in sorted(ours)
                 if params.reference_splits.get(split) not in reference]
-    rows = [[label] + [_number(_dig(figures, key)) for _, figures in columns]
-            for key, label in _COMPARED]
-    return {"header": ["figure"] + [c for c, _ in columns], "rows": rows}
+    rows = [[label.format(share=f"{params.fivegram_share:.0%}")]
+            + [_figure(_dig(figures, (ref_key or key) if theirs else key))
+               for _, figures, theirs in columns]
+            for key, label, ref_key in _COMPARED]
+    return {"header": ["figure"] + [c for c, _, _ in columns], "rows": rows}
+
+
+def _claims_section(metrics: dict, pages: int) -> dict:
+    """The claims table of the summary page, and the link to the failed-claims filter."""
+    claims = metrics.get("claims", {})
+    rows = [[kind, _number(claims.get(kind, {}).get("checked")),
+             _number(claims.get(kind, {}).get("agree")),
+             _number(claims.get(kind, {}).get("disagree"))]
+            for kind in CLAIM_TYPES]
+    rows.append(["all", _number(claims.get("checked")), _number(claims.get("agree")),
+                 _number(claims.get("disagree"))])
+    return {"rows": rows, "records_with_failed": _number(claims.get("records_with_failed")),
+            "records_checked": _number(claims.get("records_checked")),
+            "href": f"{page_name(0, pages)}#{urlencode({'claims': CLAIMS_FAILED})}"}
 
 
 def _chart(rows: Sequence[dict], label: str, value: str, title: str) -> dict:
@@ -292,7 +340,8 @@ def _index_page(metrics: dict, tables: dict[str, list[dict]], shown: Sequence["R
     return render(
         "report/index.html.j2", title="GeoPixelD QA report", page="", scripts=True,
         pages=[page_name(k, pages) for k in range(pages)], summary=summary,
-        compare=comparison_table(metrics, params), charts=charts, drop_rows=drop_rows,
+        compare=comparison_table(metrics, params), claims=_claims_section(metrics, pages),
+        charts=charts, drop_rows=drop_rows,
         review_rows=[[k, _number(v)] for k, v in _flatten(metrics.get("review", {}))],
         browse=_browse(shown, page_of, pages),
         metric_rows=[[k, _number(v)] for k, v in _flatten(everything)])
@@ -324,9 +373,10 @@ def _index_script(shown: Sequence["RecordFacts"], page_of: dict[str, int], pages
 def write_report(folder: Path, shards: Sequence["ShardFacts"], metrics: dict,
                  tables: dict[str, list[dict]], params: QAParams) -> int:
     """Write the report's pages, index script and assets into `folder` (the tile images are
-    already there, written by the shard tasks). Returns the number of tile pages."""
+    already there, written by the shard tasks). Records with failed claims come first
+    (`failed_first`). Returns the number of tile pages."""
     folder = Path(folder)
-    shown = [r for s in shards for r in s.records if r.image]
+    shown = failed_first([r for s in shards for r in s.records if r.image])
     per = params.tiles_per_page
     pages = max(1, -(-len(shown) // per))
     page_of = {r.tile_id: i // per for i, r in enumerate(shown)}

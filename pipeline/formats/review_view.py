@@ -1,5 +1,8 @@
 """What the review notebook shows: records and tile images read from an export, each phrase's
-mask drawn on its tile in its phrase colour, and the caption, headings and status lines as HTML.
+mask drawn on its tile in its phrase colour, and the caption, headings and status lines as HTML;
+the claims the qa stage checked (`claims.parquet` in its report folder, `load_claims`), so that
+the queue puts records with failed claims first (`failed_first`) and shows each failed claim
+under its caption (`claims_html`).
 
 The decisions the notebook writes (`decide`, `append_decisions`, `pending`, `rename_phrase`)
 belong to the review stage that applies them (`pipeline.stages.review`); this module only reads
@@ -10,12 +13,13 @@ from __future__ import annotations
 
 import re
 from pathlib import Path
-from typing import Iterable, Optional
+from typing import Iterable, Mapping, Optional, Sequence
 
 import pyarrow.parquet as pq
 
 from pipeline.core.errors import EmptyInputError
 from pipeline.core.shards import list_shards, read_records
+from pipeline.geometry.claims import Claim, read_claims
 from schemas import RLE, GroundedRecord, Phrase, Provenance
 
 
@@ -121,3 +125,29 @@ def decision_html(kind: str, file: Optional[Path] = None, refused: Optional[str]
 
     return render("review/message.html.j2", kind=kind, file=Path(file).name if file else "",
                   refused=refused or "")
+
+
+def load_claims(path: Path) -> dict[str, list[Claim]]:
+    """Record id -> the claims the qa stage checked on it (its `claims.parquet`); empty when
+    the file does not exist (the qa stage has not run): the queue then keeps its order."""
+    path = Path(path)
+    return read_claims(path) if path.is_file() else {}
+
+
+def failed_first(records: Sequence[GroundedRecord],
+                 claims: Mapping[str, Sequence[Claim]]) -> list[GroundedRecord]:
+    """The records with failed claims first, then the others, each in their given order (the
+    HTML report's order)."""
+    return sorted(records, key=lambda r: not any(c.failed for c in claims.get(r.record_id, ())))
+
+
+def claims_html(record: GroundedRecord, claims: Sequence[Claim]) -> str:
+    """The record's failed claims as HTML, each after its phrase in the phrase's colour (template
+    review/claims.html.j2, autoescaped); empty when none failed."""
+    from pipeline.formats.templating import render
+
+    failed = [{"index": c.phrase, "colour": phrase_colour(c.phrase),
+               "phrase": record.phrases[c.phrase].text if c.phrase < len(record.phrases) else "",
+               "type": c.type, "words": c.words, "expected": c.expected}
+              for c in claims if c.failed]
+    return render("review/claims.html.j2", failed=failed, checked=len(claims)) if failed else ""

@@ -141,6 +141,18 @@ def union(rles: Sequence[RLE]) -> RLE:
     return RLE(size=[int(s) for s in merged["size"]], counts=merged["counts"].decode("ascii"))
 
 
+def member_masks(mask: RLE, members: Sequence[RLE | None]) -> list[RLE]:
+    """The masks a grounded phrase's polygons are traced from: its member instances' masks
+    (`members`, in the phrase's object-id order) when every one is known (not None) and their
+    union is exactly `mask`, so that filling them all gives back the phrase's mask; else
+    `[mask]` alone (a phrase of unknown or mismatched members keeps its union's outline).
+    Touching instances stay apart this way, where the union's outline would merge them."""
+    if not members or any(m is None or list(m.size) != list(mask.size) for m in members):
+        return [mask]
+    merged = members[0] if len(members) == 1 else union(members)
+    return list(members) if merged.counts == mask.counts else [mask]
+
+
 def iou(a: RLE, b: RLE) -> float:
     return float(mask_utils.iou([to_coco(a)], [to_coco(b)], [0])[0][0])
 

@@ -38,6 +38,7 @@ class CocoAnnotation:
 
     object_id: int
     category: str
+    category_id: int
     segmentation: Any
     iscrowd: bool
 
@@ -121,7 +122,7 @@ def read_coco(path: Path) -> list[CocoImage]:
                                                   img["width"], where, path)
         per_image[img["id"]].append(CocoAnnotation(
             object_id=ann["id"], category=categories[ann["category_id"]],
-            segmentation=segmentation, iscrowd=bool(crowd)))
+            category_id=ann["category_id"], segmentation=segmentation, iscrowd=bool(crowd)))
 
     out = [CocoImage(image_id=k, file_name=img["file_name"], height=img["height"],
                      width=img["width"],
@@ -146,6 +147,7 @@ class InstanceCrop:
 
     object_id: int
     category: str
+    category_id: int
     y0: int
     x0: int
     pixels: np.ndarray
@@ -185,7 +187,7 @@ def load_scene(name: str, split: str, image_path: Path, entry: CocoImage, json_p
             dropped[DROP_EMPTY_MASK] += 1
             continue
         y0, y1, x0, x1 = rows[0], rows[-1] + 1, cols[0], cols[-1] + 1
-        crops.append(InstanceCrop(ann.object_id, ann.category, int(y0), int(x0),
+        crops.append(InstanceCrop(ann.object_id, ann.category, ann.category_id, int(y0), int(x0),
                                   np.ascontiguousarray(mask[y0:y1, x0:x1])))
     return CocoScene(name=name, split=split, image=image, instances=tuple(crops),
                      dropped=dict(dropped))
@@ -215,7 +217,7 @@ def iter_tiles(scene: CocoScene, params: PrepareParams, dropped: Counter) -> Ite
             cols = cols + (x0 - w.x0)
             lin = np.sort(cols.astype(np.int64) * w.height + rows)
             objects.append(ObjectInstance(
-                object_id=inst.object_id, category=inst.category,
+                object_id=inst.object_id, category=inst.category, category_id=inst.category_id,
                 bbox=[float(cols.min()), float(rows.min()), float(cols.max() - cols.min() + 1),
                       float(rows.max() - rows.min() + 1)],
                 area=int(rows.size), mask=run_length_rle(lin, w.height, w.width)))

@@ -1,7 +1,7 @@
 """Georeferenced outputs: every grounded phrase's mask as a MultiPolygon on the map.
 
 A pass after export (export.py is unchanged): for the tiles that carry a CRS and an affine
-transform (GeoTIFF scenes), each phrase mask is traced along its pixel edges (rasterio), mapped
+transform (GeoTIFF scenes), each phrase is traced along its pixel edges (rasterio), mapped
 to the tile's CRS by its transform, simplified by `imagery.polygon_tolerance_px` pixels and
 reprojected (pyproj) to the output CRS, `imagery.output_crs`:
 
@@ -17,21 +17,27 @@ reprojected (pyproj) to the output CRS, `imagery.output_crs`:
     export/parquet/*.parquet              rewritten with a `geometry` column: per record, the
                                           MultiPolygon of all its phrases
 
-A phrase's geometry is a MultiPolygon (empty for an empty mask); its properties are record_id,
-tile_id, split, seg_index (the i-th [SEG] of the caption, like `masks[i]`), phrase, kind,
-category and object_ids; the GeoJSON Feature id is "{record_id}:{seg_index}". Both per-phrase
-files are written by geopandas (GDAL's GeoJSON driver through pyogrio; GeoParquet 1.0.0
-metadata). Rows of the Parquet shards whose tile has no CRS have a null geometry; the shards get
-GeoParquet 1.0.0 metadata ("geo" key, the CRS as PROJJSON). The Parquet folder is replaced whole
-or not at all.
+A phrase's geometry is a MultiPolygon (empty for an empty mask) made of its member instances'
+polygons, each instance traced on its own (its mask read from the tiles shards), so the touching
+vehicles of a group stay apart as in the GeoPixel layout; a phrase whose members are not in the
+tile, or do not make up its mask, is traced from its mask (`pipeline.geometry.masks.member_masks`,
+the rule the GeoPixel polygons follow). Members may share edges, so a group's MultiPolygon is not
+"valid" in the OGC sense: its union (`shapely.union_all`) is the phrase's footprint. Its
+properties are record_id, tile_id, split, seg_index (the i-th [SEG] of the caption, like
+`masks[i]`), phrase, kind, category and object_ids; the GeoJSON Feature id is
+"{record_id}:{seg_index}". Both per-phrase files are written by geopandas (GDAL's GeoJSON
+driver through pyogrio; GeoParquet 1.0.0 metadata). Rows of the Parquet shards whose tile has
+no CRS have a null geometry; the shards get GeoParquet 1.0.0 metadata ("geo" key, the CRS as
+PROJJSON). The Parquet folder is replaced whole or not at all.
 """
 
 from __future__ import annotations
 
 import functools
 import json
+from collections import defaultdict
 from pathlib import Path
-from typing import Optional, Sequence
+from typing import NamedTuple, Optional, Sequence
 
 import numpy as np
 import pyarrow as pa
@@ -55,8 +61,9 @@ WGS84 = "EPSG:4326"
 PHRASE_PROPERTIES = ("record_id", "tile_id", "split", "seg_index", "phrase", "kind", "category",
                      "object_ids")
 
-__all__ = ["GEO_VERSION", "PHRASE_PROPERTIES", "WGS84", "crs_projjson", "geo_metadata",
-           "mask_geometry", "output_crs", "reproject", "run_georef", "tile_georeference"]
+__all__ = ["GEO_VERSION", "PHRASE_PROPERTIES", "WGS84", "Georeference", "crs_projjson",
+           "geo_metadata", "mask_geometry", "output_crs", "phrase_geometry", "reproject",
+           "rle_geometry", "run_georef", "tile_georeference"]
 
 
 def _rasterio_features():
@@ -97,6 +104,25 @@ def mask_geometry(mask: np.ndarray, transform: Sequence[float],
         if not simpler.is_empty:
             merged = simpler
     return _multipolygon(merged)
+
+
+def rle_geometry(rle: RLE, transform: Sequence[float], tolerance_px: float) -> MultiPolygon:
+    """`mask_geometry` of an RLE mask, traced on its bounding box only."""
+    crop, x0, y0 = masks.decode_crop(rle)
+    if not crop.size:
+        return MultiPolygon()
+    Affine, _ = _rasterio_features()
+    return mask_geometry(crop, tuple(Affine(*transform) @ Affine.translation(x0, y0))[:6],
+                         tolerance_px)
+
+
+def phrase_geometry(mask: RLE, members: Sequence[Optional[RLE]], transform: Sequence[float],
+                    tolerance_px: float) -> MultiPolygon:
+    """A phrase as a MultiPolygon in its tile's CRS: the polygons of each member instance
+    (`members`: their masks, None for one the tile lacks) traced one by one, or of the phrase's
+    own mask when the members cannot be used (`masks.member_masks`)."""
+    return MultiPolygon([polygon for part in masks.member_masks(mask, members)
+                         for polygon in rle_geometry(part, transform, tolerance_px).geoms])
 
 
 def _multipolygon(geom: BaseGeometry) -> MultiPolygon:
@@ -147,8 +173,16 @@ def geo_metadata(crs: str, bbox: Optional[Sequence[float]]) -> dict:
     return {"version": GEO_VERSION, "primary_column": GEOMETRY, "columns": {GEOMETRY: column}}
 
 
-def tile_georeference(tiles_dir: Path) -> dict[tuple[str, str], tuple[str, list[float]]]:
-    """(split, tile id) -> (crs, transform) of every georeferenced tile (no image is read)."""
+class Georeference(NamedTuple):
+    """A georeferenced tile: its CRS, its affine transform, and the tiles shard holding it."""
+
+    crs: str
+    transform: list[float]
+    shard: Path
+
+
+def tile_georeference(tiles_dir: Path) -> dict[tuple[str, str], Georeference]:
+    """(split, tile id) -> `Georeference` of every georeferenced tile (no image is read)."""
     found = {}
     for path in list_shards(Path(tiles_dir)):
         names = set(pq.read_schema(path).names)
@@ -157,7 +191,26 @@ def tile_georeference(tiles_dir: Path) -> dict[tuple[str, str], tuple[str, list[
         table = pq.read_table(path, columns=["tile_id", "split", "crs", "transform"])
         for row in table.to_pylist():
             if row["crs"] and row["transform"]:
-                found[(row["split"], row["tile_id"])] = (row["crs"], list(row["transform"]))
+                found[(row["split"], row["tile_id"])] = Georeference(
+                    row["crs"], list(row["transform"]), path)
+    return found
+
+
+def _instance_masks(georef: dict[tuple[str, str], Georeference],
+                   keys: set[tuple[str, str]]) -> dict[tuple[str, str], dict[int, RLE]]:
+    """Object id -> mask of each tile `keys` names ((split, tile id), georeferenced), read
+    from its tiles shard: only those tiles, only their instances."""
+    by_shard: dict[Path, set[str]] = defaultdict(set)
+    for key in keys:
+        by_shard[georef[key].shard].add(key[1])
+    found: dict[tuple[str, str], dict[int, RLE]] = {}
+    for path, tile_ids in sorted(by_shard.items()):
+        table = pq.read_table(path, columns=["tile_id", "split", "objects"],
+                              filters=[("tile_id", "in", sorted(tile_ids))])
+        for row in table.to_pylist():
+            if (row["split"], row["tile_id"]) in keys:
+                found[(row["split"], row["tile_id"])] = {
+                    o["object_id"]: RLE(**o["mask"]) for o in row["objects"]}
     return found
 
 
@@ -198,10 +251,12 @@ class _PhraseFiles:
         return written
 
 
-def _row_geometries(row: dict, crs: str, transform: list[float], target: str,
-                    tolerance: float) -> list[MultiPolygon]:
-    return [reproject(mask_geometry(masks.decode(RLE(**rle)), transform, tolerance), crs, target)
-            for rle in row["masks"]]
+def _row_geometries(row: dict, objects: dict[int, RLE], transform: list[float], crs: str,
+                    target: str, tolerance: float) -> list[MultiPolygon]:
+    """Each phrase of an export row as a MultiPolygon in `target` (`phrase_geometry`)."""
+    return [reproject(phrase_geometry(RLE(**rle), [objects.get(i) for i in ids], transform,
+                                      tolerance), crs, target)
+            for rle, ids in zip(row["masks"], row["object_ids"])]
 
 
 def _with_geometry(table: pa.Table, wkb: list[Optional[bytes]], crs: str,
@@ -245,16 +300,19 @@ def run_georef(params: Params, tiles_dir: Path, export_dir: Path) -> dict:
             rows = table.select(["record_id", "tile_id", "split", "phrases", "phrase_kinds",
                                  "phrase_categories", "masks", "object_ids"]).to_pylist()
             shard_crs, wkb, bounds = None, [], []
+            objects = _instance_masks(georef, {(r["split"], r["tile_id"]) for r in rows} &
+                                     georef.keys())
             for row in rows:
-                found = georef.get((row["split"], row["tile_id"]))
-                if found is None:
+                key = (row["split"], row["tile_id"])
+                if key not in georef:
                     wkb.append(None)
                     report["rows_without_crs"] += 1
                     continue
-                crs, transform = found
+                crs, transform, _ = georef[key]
                 target = split_crs.setdefault(row["split"], output_crs(setting, crs))
                 shard_crs = shard_crs or target
-                geoms = _row_geometries(row, crs, transform, target, tolerance)
+                geoms = _row_geometries(row, objects.get(key, {}), transform, crs, target,
+                                        tolerance)
                 if not same_crs(crs, target):
                     report["reprojected_phrases"] += len(geoms)
                 for i, geom in enumerate(geoms):
@@ -266,7 +324,9 @@ def run_georef(params: Params, tiles_dir: Path, export_dir: Path) -> dict:
                         "object_ids": list(row["object_ids"][i])})
                 if not same_crs(target, shard_crs):  # a shard holding two splits' CRS
                     geoms = [reproject(g, target, shard_crs) for g in geoms]
-                footprint = _multipolygon(shapely.union_all(geoms)) if geoms else MultiPolygon()
+                # members' polygons, dissolved (a group's may share edges)
+                parts = [polygon for g in geoms for polygon in g.geoms]
+                footprint = _multipolygon(shapely.union_all(parts)) if parts else MultiPolygon()
                 wkb.append(shapely.to_wkb(footprint, output_dimension=2))
                 if not footprint.is_empty:
                     bounds.append(footprint.bounds)

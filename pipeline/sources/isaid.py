@@ -31,7 +31,7 @@ from pipeline.core.imaging import (
     sha256,
 )
 from pipeline.core.params import PrepareParams
-from pipeline.geometry.categories import ISAID_COLOUR_TO_CATEGORY
+from pipeline.geometry.categories import ISAID_CATEGORY_IDS, ISAID_COLOUR_TO_CATEGORY
 from pipeline.geometry.masks import counts_string
 from schemas import RLE, ObjectInstance, Tile, Window
 
@@ -278,6 +278,7 @@ def tile_instances(ids: np.ndarray, colours: np.ndarray, params: PrepareParams,
             continue
         objects.append(ObjectInstance(
             object_id=int(inst[s]), category=category,
+            category_id=ISAID_CATEGORY_IDS[category],
             bbox=[float(x0), float(y0), float(x1 - x0 + 1), float(y1 - y0 + 1)], area=area,
             mask=run_length_rle(lin[s:e], height, width)))
     return objects

@@ -9,12 +9,12 @@ Polygons are rasterised by pixel centre (shapely); COCO masks stay rasters (crop
   of its four points: a box of zero area or with collinear points is degenerate, skipped and
   counted. Object id = the box's line number in the file.
 - COCO: one json for all scenes, images matched to scenes by file stem, object id = the
-  annotation id (checked by `pipeline.sources.coco_source.read_coco`).
+  annotation id, category id = the file's (checked by `pipeline.sources.coco_source.read_coco`).
 - GeoJSON: Polygon/MultiPolygon features in map coordinates, category from the property named
   `imagery.category_property` (a string; an integer class code is taken as its decimal text,
-  3 -> "3"; none or empty: the unknown category; any other value is refused), object id = the
-  feature's integer `id` (within int64; a larger one, a float or an object is refused) or, for
-  a string id or none, its position (from 1). Other RFC 7946 geometries (points, lines, null)
+  3 -> "3", and as the category's id in the COCO export; none or empty: the unknown category;
+  any other value is refused), object id = the feature's integer `id` (within int64; a larger
+  one, a float or an object is refused) or, for a string id or none, its position (from 1). Other RFC 7946 geometries (points, lines, null)
   are skipped and counted as 'not_polygon'; an unknown geometry type is refused. The file's
   CRS is its legacy `crs` member, else `imagery.geojson_crs`, else WGS 84 lon/lat (RFC 7946).
   Features are reprojected to a scene in another CRS with pyproj (the `[geo]` extra), or
@@ -31,7 +31,7 @@ from __future__ import annotations
 
 import re
 from collections import Counter
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Optional, Sequence
 
@@ -79,6 +79,7 @@ class SceneLabel:
     category: str
     geometry: Optional[BaseGeometry] = None
     crop: Optional[np.ndarray] = None
+    category_id: Optional[int] = None  # the id the label file gives the category, if any
     x0: int = 0
     y0: int = 0
     difficult: bool = False
@@ -180,8 +181,7 @@ def clip_to_scene(labels: Sequence[SceneLabel], height: int, width: int,
             counts["outside_image"] += 1
             continue
         counts["clipped"] += 1
-        kept.append(SceneLabel(label.object_id, label.category, geometry=inside,
-                               difficult=label.difficult))
+        kept.append(replace(label, geometry=inside))
     return kept
 
 
@@ -278,7 +278,7 @@ def read_coco_labels(path: Path, scenes: dict[str, tuple[int, int]],
                 counts["empty_mask"] += 1
                 continue
             labels.append(SceneLabel(ann.object_id, canonical_category(ann.category),
-                                     crop=crop, x0=x0, y0=y0))
+                                     crop=crop, x0=x0, y0=y0, category_id=ann.category_id))
         found[name] = labels
     return found
 
@@ -299,7 +299,7 @@ class GeoLabels:
     path: str
     crs: str
     declared: bool  # the CRS came from the file or imagery.geojson_crs (not the RFC default)
-    features: tuple[tuple[int, str, BaseGeometry], ...]
+    features: tuple[SceneLabel, ...]  # geometries in `crs`
 
 
 _URN_RE = re.compile(r"^urn:ogc:def:crs:(?P<auth>[A-Za-z]+):[0-9.]*:(?P<code>[A-Za-z0-9]+)$")
@@ -359,6 +359,8 @@ def read_geojson(path: Path, params: ImageryParams, counts: Counter) -> GeoLabel
         if props is not None and not isinstance(props, dict):
             raise BadAnnotationError(f"{where}: properties must be an object or null", path)
         category = (props or {}).get(params.category_property)
+        # an integer class code is the file's own category id (and its name, as text)
+        category_id = category if user_geometry.is_int(category) else None
         if category is not None and not (isinstance(category, str) and not category.strip()):
             category = user_geometry.category_name(
                 category, where, path, integers=True,
@@ -378,12 +380,13 @@ def read_geojson(path: Path, params: ImageryParams, counts: Counter) -> GeoLabel
             if geom is None:
                 counts["degenerate"] += 1
                 continue
-        features.append((object_id, canonical_category(category or ""), geom))
-    ids = [f[0] for f in features]
+        features.append(SceneLabel(object_id, canonical_category(category or ""), geometry=geom,
+                                   category_id=category_id))
+    ids = [f.object_id for f in features]
     if len(set(ids)) != len(ids):
         raise BadAnnotationError("feature ids repeat (object ids must be unique)", path)
     if not declared and features:
-        x0, y0, x1, y1 = shapely.union_all([f[2] for f in features]).bounds
+        x0, y0, x1, y1 = shapely.union_all([f.geometry for f in features]).bounds
         if min(x0, y0) < -180 or x1 > 180 or y1 > 90 or y0 < -90:
             raise BadAnnotationError(
                 "no 'crs' member, so the coordinates should be WGS 84 longitude/latitude (RFC "
@@ -461,7 +464,8 @@ def geojson_scene_labels(geo: GeoLabels, scene: str, scene_crs: Optional[str],
     ic, if_ = -(ia * c + ib * f), -(id_ * c + ie * f)
     same = same_crs(geo.crs, scene_crs)
     labels = []
-    for object_id, category, geom in geo.features:
+    for label in geo.features:
+        object_id, geom = label.object_id, label.geometry
         if not same:
             geom = reproject(geom, geo.crs, scene_crs, geo.path)
             if not np.all(np.isfinite(shapely.get_coordinates(geom))):
@@ -474,7 +478,7 @@ def geojson_scene_labels(geo: GeoLabels, scene: str, scene_crs: Optional[str],
         if pixels.area <= 0:
             counts["degenerate"] += 1
             continue
-        labels.append(SceneLabel(object_id, category, geometry=pixels))
+        labels.append(replace(label, geometry=pixels))
     if not same:
         counts["reprojected"] += len(labels)
     return clip_to_scene(labels, height, width, counts)

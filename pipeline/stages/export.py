@@ -8,22 +8,32 @@
 Parquet: at most `export.records_per_shard` rows per shard, records in input shard order.
 `image` is a struct {bytes, path} and the schema metadata carries the `datasets` features, so
 `load_dataset("parquet", data_files=...)` decodes it as an `Image()`. Masks are COCO RLE;
-`masks[i]`, `phrases[i]`, `phrase_kinds[i]`, `phrase_categories[i]` and `object_ids[i]` belong
-to the i-th [SEG] of `caption`. `review` is unreviewed, accepted or edited (the review stage).
+`masks[i]`, `phrase_polygons[i]`, `phrases[i]`, `phrase_kinds[i]`, `phrase_categories[i]` and
+`object_ids[i]` belong to the i-th [SEG] of `caption`. `masks[i]` is the phrase's whole mask
+(a group's: the union of its members); `phrase_polygons[i][j]` are the outer contours of member
+`object_ids[i][j]` (polygons of [x, y] int32 points, as the GeoPixel layout writes them), so a
+group's touching instances stay apart; a phrase whose members do not make up its mask has one
+entry, its mask's contours (`pipeline.formats.geopixel_format.phrase_polygons`). `instruction`
+is the human turn the record asks (also in the GeoPixel lists) and `instruction_id` names it:
+"<list version>/<n>" of prompts/instructions, or "custom" (`ExportParams.instruction_for`).
+`review` is unreviewed, accepted or edited (the review stage).
 
 COCO: `images` are the tiles that have a record (`id`, `file_name` "<tile_id>.png", `width`,
 `height`, `tile_id`); `annotations` are ALL instances of those tiles (`id` unique in the file,
 `image_id`, `category_id`, `segmentation` as compressed RLE {size, counts}, `area`, `bbox`,
-`iscrowd` 0, `object_id` = the source instance id); `categories` are the categories of every
-exported tile of every split, sorted by name, ids from 1, so ids agree across split files.
+`iscrowd` 0, `object_id` = the source instance id); `categories` keep the ids the sources
+give (`ObjectInstance.category_id`: iSAID's label ids 1 ship ... 15 Harbor, a COCO label
+file's ids, a GeoJSON integer class); with iSAID's categories all 15 are listed, and any other
+category name found, sorted, from 16 up (`pipeline.geometry.categories.category_ids`): an id
+never depends on which categories a build holds, and all split files agree.
 Extension, a top-level list pycocotools ignores:
 
-    "captions": [{"image_id", "record_id", "caption", "review",
+    "captions": [{"image_id", "record_id", "caption", "review", "instruction", "instruction_id",
                   "phrases": [{"text", "kind", "category", "seg_index", "annotation_ids"}]}]
 
 `seg_index` is the phrase's [SEG] position in `caption` (0-based); `annotation_ids` are the
 annotations of its member instances, whose masks' union is the phrase's mask (one id for an
-instance phrase, several for a cluster).
+instance phrase, several for a cluster: one per member, in the phrase's `object_ids` order).
 
 Every file's bytes depend on the inputs and parameters only (no timestamps, stable order).
 """
@@ -44,7 +54,12 @@ import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
 from pipeline import __version__ as PIPELINE_VERSION
-from pipeline.core.errors import BadRecordError, DuplicateNameError, EmptyInputError
+from pipeline.core.errors import (
+    BadAnnotationError,
+    BadRecordError,
+    DuplicateNameError,
+    EmptyInputError,
+)
 from pipeline.core.params import ExportParams, Params
 from pipeline.core.shards import (
     SHARD_RE,
@@ -60,9 +75,11 @@ from pipeline.formats.geopixel_format import (
     SEG,
     check_record,
     layout_folder,
+    phrase_polygons,
     write_geopixel_lists,
     write_geopixel_samples,
 )
+from pipeline.geometry.categories import CategoryIdConflict, category_ids
 from schemas import RLE, SCHEMA_VERSION, GroundedRecord, Provenance, Tile, arrow_schema
 
 # ---------------------------------------------------------------------------------------------
@@ -81,6 +98,8 @@ def _nullable(dtype: pa.DataType) -> pa.DataType:
 IMAGE_TYPE = pa.struct([pa.field("bytes", pa.binary()), pa.field("path", pa.string())])
 RLE_TYPE = _nullable(pa.struct(list(arrow_schema(RLE))))
 PROVENANCE_TYPE = _nullable(pa.struct(list(arrow_schema(Provenance))))
+# [x, y] point -> polygon -> polygons of one member instance -> members of one phrase
+POLYGONS_TYPE = pa.list_(pa.list_(pa.list_(pa.list_(pa.int32()))))
 
 _COLUMNS = pa.schema([
     pa.field("record_id", pa.string()),
@@ -89,18 +108,21 @@ _COLUMNS = pa.schema([
     pa.field("image", IMAGE_TYPE),
     pa.field("width", pa.int64()),
     pa.field("height", pa.int64()),
+    pa.field("instruction", pa.string()),
+    pa.field("instruction_id", pa.string()),
     pa.field("caption", pa.string()),
     pa.field("phrases", pa.list_(pa.string())),
     pa.field("phrase_kinds", pa.list_(pa.string())),
     pa.field("phrase_categories", pa.list_(pa.string())),
     pa.field("masks", pa.list_(RLE_TYPE)),
+    pa.field("phrase_polygons", pa.list_(POLYGONS_TYPE)),
     pa.field("object_ids", pa.list_(pa.list_(pa.int64()))),
     pa.field("provenance", PROVENANCE_TYPE),
     pa.field("review", pa.string()),
 ])
 
-_HF_VALUES = {pa.string(): "string", pa.int64(): "int64", pa.binary(): "binary",
-              pa.float64(): "float64", pa.bool_(): "bool"}
+_HF_VALUES = {pa.string(): "string", pa.int64(): "int64", pa.int32(): "int32",
+              pa.binary(): "binary", pa.float64(): "float64", pa.bool_(): "bool"}
 
 
 def hf_feature(dtype: pa.DataType) -> object:
@@ -140,14 +162,47 @@ def _phrase_field(phrases: pa.Array, name: str) -> pa.ListArray:
                                     pc.struct_field(pc.list_flatten(phrases), name))
 
 
-def export_table(records: pa.Table, tiles: pa.Table) -> pa.Table:
+def _rle(row: dict) -> RLE:
+    """An RLE of a shard row, as an earlier stage wrote and checked it (not validated again)."""
+    return RLE.model_construct(size=row["size"], counts=row["counts"])
+
+
+def polygon_column(records: pa.Table, tiles: pa.Table) -> pa.ListArray:
+    """`phrase_polygons` of GroundedRecord rows (row i of `tiles`, with its `objects`, is record
+    i's tile): per phrase, per member instance, its polygons of [x, y] points
+    (`geopixel_format.phrase_polygons`), the contour arrays laid out as Arrow offsets."""
+    points: list[np.ndarray] = []
+    per_polygon, per_member, per_phrase, per_record = [], [], [], []
+    for phrases, objects in zip(records.column("phrases").to_pylist(),
+                                tiles.column("objects").to_pylist()):
+        instance_masks = {o["object_id"]: _rle(o["mask"]) for o in objects}
+        per_record.append(len(phrases))
+        for phrase in phrases:
+            members = phrase_polygons(_rle(phrase["mask"]), phrase["object_ids"], instance_masks)
+            per_phrase.append(len(members))
+            for polygons in members:
+                per_member.append(len(polygons))
+                per_polygon.extend(len(poly) for poly in polygons)
+                points.extend(polygons)
+    xy = (np.concatenate(points).astype(np.int32, copy=False).reshape(-1) if points
+          else np.zeros(0, np.int32))
+    column = pa.ListArray.from_arrays(pa.array(np.arange(0, xy.size + 1, 2, dtype=np.int32)),
+                                      pa.array(xy, pa.int32()))
+    for counts in (per_polygon, per_member, per_phrase, per_record):
+        offsets = np.concatenate(([0], np.cumsum(counts, dtype=np.int64))).astype(np.int32)
+        column = pa.ListArray.from_arrays(pa.array(offsets), column)
+    return column
+
+
+def export_table(records: pa.Table, tiles: pa.Table, export: ExportParams) -> pa.Table:
     """Parquet rows (`EXPORT_SCHEMA`) of GroundedRecord rows and their tiles' rows (tile_id,
-    image_png, width, height; row i of `tiles` is record i's tile), built column by column:
-    the image bytes are never turned into Python objects."""
+    image_png, width, height, objects; row i of `tiles` is record i's tile), built column by
+    column: the image bytes are never turned into Python objects."""
     records, tiles = records.combine_chunks(), tiles.combine_chunks()
     phrases = records.column("phrases").chunk(0) if records.num_rows else pa.array(
         [], records.schema.field("phrases").type)
     tile_ids = records.column("tile_id").to_pylist()
+    instructions = [export.instruction_for(r) for r in records.column("record_id").to_pylist()]
     image = pa.StructArray.from_arrays(
         [tiles.column("image_png").combine_chunks(), pa.array([f"{t}.png" for t in tile_ids])],
         fields=list(IMAGE_TYPE))
@@ -158,11 +213,14 @@ def export_table(records: pa.Table, tiles: pa.Table) -> pa.Table:
         "image": image,
         "width": tiles.column("width"),
         "height": tiles.column("height"),
+        "instruction": pa.array([i.text for i in instructions], pa.string()),
+        "instruction_id": pa.array([i.id for i in instructions], pa.string()),
         "caption": records.column("caption"),
         "phrases": _phrase_field(phrases, "text"),
         "phrase_kinds": _phrase_field(phrases, "kind"),
         "phrase_categories": _phrase_field(phrases, "category"),
         "masks": _phrase_field(phrases, "mask"),
+        "phrase_polygons": polygon_column(records, tiles),
         "object_ids": _phrase_field(phrases, "object_ids"),
         "provenance": records.column("provenance"),
         "review": records.column("review"),
@@ -202,6 +260,13 @@ class ParquetShard:
     slices: tuple[ParquetSlice, ...]
 
 
+class InstanceMask(NamedTuple):
+    """What the GeoPixel files need of an instance (`geopixel_format.InstanceMask`)."""
+
+    object_id: int
+    mask: RLE
+
+
 class TileImage(NamedTuple):
     """What the GeoPixel files need of a tile (`geopixel_format.TileImage`): its instances
     are read as plain rows, not validated again."""
@@ -210,6 +275,13 @@ class TileImage(NamedTuple):
     height: int
     width: int
     image_png: bytes
+    objects: tuple[InstanceMask, ...]
+
+    @classmethod
+    def of_row(cls, row: dict) -> "TileImage":
+        """From a tiles-shard row (tile_id, height, width, image_png, objects)."""
+        return cls(row["tile_id"], row["height"], row["width"], row["image_png"],
+                   tuple(InstanceMask(o["object_id"], _rle(o["mask"])) for o in row["objects"]))
 
 
 def _tile_rows(records_path: Path, tiles_path: Path, tile_ids: Sequence[str],
@@ -228,14 +300,17 @@ def _tile_rows(records_path: Path, tiles_path: Path, tile_ids: Sequence[str],
     return table.take(pa.array([row_of[t] for t in tile_ids], pa.int64()))
 
 
-def _coco_piece(record: GroundedRecord, tile: dict) -> dict:
+def _coco_piece(record: GroundedRecord, tile: dict, export: ExportParams) -> dict:
     """What the COCO file needs of one record (`tile` a tiles-shard row), before ids are
     given out."""
+    instruction = export.instruction_for(record.record_id)
     return {
         "tile_id": tile["tile_id"], "width": tile["width"], "height": tile["height"],
-        "objects": [{"object_id": o["object_id"], "category": o["category"], "area": o["area"],
-                     "bbox": o["bbox"], "segmentation": o["mask"]} for o in tile["objects"]],
+        "objects": [{"object_id": o["object_id"], "category": o["category"],
+                     "category_id": o.get("category_id"), "area": o["area"], "bbox": o["bbox"],
+                     "segmentation": o["mask"]} for o in tile["objects"]],
         "record_id": record.record_id, "caption": record.caption, "review": record.review,
+        "instruction": instruction.text, "instruction_id": instruction.id,
         "phrases": [{"text": p.text, "kind": p.kind, "category": p.category,
                      "object_ids": list(p.object_ids)} for p in record.phrases],
     }
@@ -246,12 +321,12 @@ def export_shard(shard: InputShard, geopixel_dir: Path, export: ExportParams) ->
     records = read_records(shard.records, GroundedRecord)
     tiles = _tile_rows(shard.records, shard.tiles, [r.tile_id for r in records],
                        ["tile_id", "height", "width", "image_png", "objects"]).to_pylist()
-    pairs = [(r, TileImage(t["tile_id"], t["height"], t["width"], t["image_png"]))
-             for r, t in zip(records, tiles)]
+    pairs = [(r, TileImage.of_row(t)) for r, t in zip(records, tiles)]
     # the staging folder is swapped in whole: its files need no atomic writes of their own
     items = write_geopixel_samples(pairs, geopixel_dir, export, {shard.folder: shard.first_id},
                                    atomic=False)
-    return {"split": shard.split, "coco": [_coco_piece(r, t) for r, t in zip(records, tiles)],
+    return {"split": shard.split,
+            "coco": [_coco_piece(r, t, export) for r, t in zip(records, tiles)],
             "geopixel": items}
 
 
@@ -262,8 +337,8 @@ def write_parquet_shard(shard: ParquetShard, export: ExportParams) -> int:
         records = pq.read_table(s.records, schema=arrow_schema(GroundedRecord)
                                 ).slice(s.start, s.stop - s.start)
         tiles = _tile_rows(s.records, s.tiles, records.column("tile_id").to_pylist(),
-                           ["tile_id", "image_png", "width", "height"])
-        parts.append(export_table(records, tiles))
+                           ["tile_id", "image_png", "width", "height", "objects"])
+        parts.append(export_table(records, tiles, export))
     table = pa.concat_tables(parts) if parts else EXPORT_SCHEMA.empty_table()
     write_table(shard.path, table, export.row_group_size)
     return table.num_rows
@@ -353,18 +428,23 @@ def plan_parquet(shards: list[InputShard], out_dir: Path, per_shard: int) -> lis
     return planned
 
 
-def coco_files(pieces: list[dict]) -> dict[str, dict]:
-    """COCO datasets per split from the shard pieces: ids given out in input order."""
-    categories = sorted({o["category"] for p in pieces for c in p["coco"] for o in c["objects"]})
-    category_id = {name: i + 1 for i, name in enumerate(categories)}
+def coco_files(pieces: list[dict], tiles_dir: Path) -> dict[str, dict]:
+    """COCO datasets per split from the shard pieces: image and annotation ids given out in
+    input order, category ids fixed (`category_ids`; sources that disagree on them are a
+    BadAnnotationError naming `tiles_dir`)."""
+    try:
+        category_id = category_ids((o["category"], o["category_id"]) for p in pieces
+                                   for c in p["coco"] for o in c["objects"])
+    except CategoryIdConflict as exc:
+        raise BadAnnotationError(f"the tiles' category ids disagree: {exc}", tiles_dir) from None
     files: dict[str, dict] = {}
     for piece in pieces:
         coco = files.setdefault(piece["split"], {
             "info": {"description": "GeoPixelD builder export", "schema_version": SCHEMA_VERSION,
                      "pipeline_version": PIPELINE_VERSION},
             "licenses": [], "images": [], "annotations": [],
-            "categories": [{"id": category_id[n], "name": n, "supercategory": "object"}
-                           for n in categories],
+            "categories": [{"id": i, "name": n, "supercategory": "object"}
+                           for n, i in sorted(category_id.items(), key=lambda c: c[1])],
             "captions": [], "_tiles": {}})
         for c in piece["coco"]:
             if c["tile_id"] not in coco["_tiles"]:
@@ -385,7 +465,8 @@ def coco_files(pieces: list[dict]) -> dict[str, dict]:
             image_id, by_object = coco["_tiles"][c["tile_id"]]
             coco["captions"].append({
                 "image_id": image_id, "record_id": c["record_id"], "caption": c["caption"],
-                "review": c["review"],
+                "review": c["review"], "instruction": c["instruction"],
+                "instruction_id": c["instruction_id"],
                 "phrases": [{"text": p["text"], "kind": p["kind"], "category": p["category"],
                              "seg_index": i,
                              "annotation_ids": [by_object[o] for o in p["object_ids"]]}
@@ -422,7 +503,7 @@ def run_export(params: Params, tiles_dir: Path, records_dir: Path, out_dir: Path
             for folder, entries in piece["geopixel"].items():
                 items[folder].extend(entries)
         lists = write_geopixel_lists(items, geopixel_dir, export)
-        cocos = coco_files(pieces)
+        cocos = coco_files(pieces, Path(tiles_dir))
         for split, coco in sorted(cocos.items()):
             _write_coco(staging / "coco" / f"{safe_name(split, 'split')}.json", coco)
         report = {

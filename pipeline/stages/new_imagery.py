@@ -128,7 +128,7 @@ class ImageryTask:
 # ---- one tile ---------------------------------------------------------------------------------
 
 def _instance(object_id: int, category: str, mask: np.ndarray, min_area: int,
-              counts: Counter) -> Optional[ObjectInstance]:
+              counts: Counter, category_id: Optional[int] = None) -> Optional[ObjectInstance]:
     rows = np.flatnonzero(mask.any(axis=1))
     if rows.size == 0:
         counts["empty_mask"] += 1
@@ -138,7 +138,7 @@ def _instance(object_id: int, category: str, mask: np.ndarray, min_area: int,
         counts["small_area"] += 1
         return None
     cols = np.flatnonzero(mask.any(axis=0))
-    return ObjectInstance(object_id=int(object_id), category=category,
+    return ObjectInstance(object_id=int(object_id), category=category, category_id=category_id,
                           bbox=[float(cols[0]), float(rows[0]), float(cols[-1] - cols[0] + 1),
                                 float(rows[-1] - rows[0] + 1)],
                           area=area, mask=rle.encode(mask))
@@ -152,7 +152,8 @@ def tile_objects(kind: Optional[str], rgb: np.ndarray, valid: np.ndarray, window
     found: list[Optional[ObjectInstance]] = []
     if kind in ("coco", "geojson") and labels is not None:
         for label, mask in labels.masks(window):
-            found.append(_instance(label.object_id, label.category, mask, min_area, counts))
+            found.append(_instance(label.object_id, label.category, mask, min_area, counts,
+                                   label.category_id))
     elif kind == "dota" and labels is not None:
         found = _box_prompted(rgb, window, labels, params, counts)
     elif kind == "sam":
@@ -197,7 +198,7 @@ def _box_prompted(rgb: np.ndarray, window: Window, labels: LabelIndex, params: P
                 continue
             mask = polygon
         found.append(_instance(label.object_id, label.category, mask,
-                               params.prepare.min_instance_area, counts))
+                               params.prepare.min_instance_area, counts, label.category_id))
     return found
 
 

@@ -13,7 +13,8 @@ Metric definitions:
   cleaning splits them (`pipeline.core.text.split_sentences`: no split after an abbreviation
   or a single letter), those that hold a letter.
 - vocabulary size: distinct words over all captions; distinct-n: distinct word n-grams / all
-  word n-grams over all captions (n-grams never cross captions).
+  word n-grams over all captions (n-grams never cross captions); `fivegrams_top` and
+  `frequent_fivegrams` as in `by_split` (below), over all captions.
 - categories: `present` = categories of the tiles' objects, `grounded` = categories of the
   phrases, `coverage` = grounded / present.
 - annotate `calls_per_record`: calls made for the tiles that became records, per record (the
@@ -23,7 +24,20 @@ Metric definitions:
 - backends: share of records made by each backend (the record's provenance).
 - review: exported records by review status, plus every number of the review stage's report.
 - reference: GeoPixelD's published figures (`shared/docs/geopixeld.md`, "Scale to match"),
-  mirrored by `by_split` for our splits (compared per `qa.reference_splits`).
+  mirrored by `by_split` for our splits (compared per `qa.reference_splits`). `by_split` also
+  holds `plain_caption_chars_mean` (shown beside GeoPixelD's mean caption length, whose
+  counting of tags was not published) and wording variety: `fivegrams_top`, the
+  `qa.fivegram_top` most repeated word five-grams (words as above, each counted once per
+  caption) with their share of the split's captions, and `frequent_fivegrams`, how many
+  five-grams are in more than `qa.fivegram_share` of them (boilerplate).
+- claims: what each caption says about its grounded phrases (position, count, category,
+  colour, size), checked against the phrases' masks and the tile's measurements
+  (`pipeline.geometry.claims`, which states the rules): per type the claims `checked`, the
+  share that `agree` (0 when none), and how many `disagree`; over all types the same, plus
+  `records_checked` and `records_with_failed`. Every claim and verdict is stored in
+  `claims.parquet` in the report folder; the report and the review notebook list records with
+  failed claims first. Without tiles, only category, count and single-instance positions are
+  checked.
 """
 
 from __future__ import annotations
@@ -51,6 +65,17 @@ from pipeline.core.text import csv_cell, split_sentences
 from pipeline.core.user_files import MAX_REPORT_BYTES, read_user_json
 from pipeline.formats.html_report import IMAGE_FOLDER, render_overlay, write_report
 from pipeline.geometry import masks
+from pipeline.geometry.claims import (
+    CLAIM_TYPES,
+    CLAIMS_FILE,
+    Claim,
+    RecordClaims,
+    check_record,
+    claim_rows,
+    write_claims,
+)
+from pipeline.geometry.measure import measure_tile
+from pipeline.geometry.priors import instance_masks
 from schemas import PASSES, SEG, DroppedRecord, GroundedRecord, Response, Tile
 
 STAGE = "qa"
@@ -110,6 +135,11 @@ class RecordFacts:
     calls: dict[str, int] = field(default_factory=dict)  # annotation calls for its tile, by kind
     image: Optional[str] = None  # report image, relative to the report folder (None: not shown)
     image_size: tuple[int, int] = (0, 0)  # (width, height) of that image
+    claims: tuple[Claim, ...] = ()  # what the caption claims about its phrases, checked
+
+    @property
+    def failed_claims(self) -> list[Claim]:
+        return [c for c in self.claims if c.failed]
 
 
 @dataclass(frozen=True)
@@ -143,6 +173,20 @@ def words(text: str) -> list[str]:
 def sentences(text: str) -> list[str]:
     """Sentences of plain text that hold a letter (`pipeline.core.text.split_sentences`)."""
     return [s for s in split_sentences(text) if re.search(r"[A-Za-z]", s)]
+
+
+def frequent_ngrams(token_lists: Sequence[Sequence[str]], n: int, top: int,
+                    share: float) -> tuple[dict[str, float], int]:
+    """The `top` n-grams found in the most lists (each counted once per list), with the share
+    of lists holding them (ties by text), and how many n-grams are in more than `share` of the
+    lists."""
+    counts: Counter[str] = Counter()
+    for tokens in token_lists:
+        counts.update({" ".join(tokens[i:i + n]) for i in range(len(tokens) - n + 1)})
+    total = len(token_lists)
+    ranked = sorted(counts.items(), key=lambda kv: (-kv[1], kv[0]))[:top]
+    frequent = sum(1 for c in counts.values() if total and c / total > share)
+    return {gram: _ratio(c, total) for gram, c in ranked}, frequent
 
 
 def distinct_n(token_lists: Iterable[Sequence[str]], n: int) -> float:
@@ -231,16 +275,29 @@ def qa_shard(shard: tuple[str, int], *, params: QAParams, records_dir: Path,
             for d in read_records(folder / name, DroppedRecord):
                 drops.setdefault((d.tile_id, d.stage, d.reason), d)
 
-    facts = []
+    checked: list[tuple[Claim, ...]] = []
     for i, record in enumerate(records):
         tile = tiles.get(record.tile_id)
         if tiles_dir is not None and tile is None:
             raise BadRecordError(f"record {record.record_id} names tile {record.tile_id}, "
                                  f"which is not in {tiles_dir / name}", records_path)
+        measured = None
+        if tile is not None:  # decoded again to draw it: a shard's images are not all kept
+            measured = measure_tile(decode_png(tile.image_png), instance_masks(
+                tile.tile_id, tile.height, tile.width, tile.objects), tile.image_sha256)
+        checked.append(tuple(check_record(record, measured, params)))
+    # the report's images go to records with failed claims first (the shard's share of
+    # qa.max_tiles), then in shard order
+    order = sorted(range(len(records)), key=lambda i: not any(c.failed for c in checked[i]))
+    shown = set(order[:render])
+
+    facts = []
+    for i, record in enumerate(records):
+        tile = tiles.get(record.tile_id)
         height, width = record.phrases[0].mask.size if record.phrases else (0, 0)
         pixels = height * width
         image, image_size = None, (0, 0)
-        if report_dir is not None and i < render:
+        if report_dir is not None and i in shown:
             picture = decode_png(tile.image_png) if tile is not None else None
             jpeg, image_size = render_overlay(picture, record.phrases, params,
                                               where=str(records_path))
@@ -257,7 +314,7 @@ def qa_shard(shard: tuple[str, int], *, params: QAParams, records_dir: Path,
                           for p in record.phrases),
             tile_objects=len(tile.objects) if tile is not None else None,
             calls=dict(calls_by_tile.get(record.tile_id, {})),
-            image=image, image_size=image_size))
+            image=image, image_size=image_size, claims=checked[i]))
     return ShardFacts(
         records=facts, drops=list(drops.values()),
         tiles=len(tiles) if tiles_dir is not None else None,
@@ -271,9 +328,13 @@ def qa_shard(shard: tuple[str, int], *, params: QAParams, records_dir: Path,
 # Metrics (pure)
 
 
-def _split_figures(records: Sequence[RecordFacts], with_calls: bool) -> dict:
-    """The figures GeoPixelD published, for one set of records (same keys as the reference)."""
+def _split_figures(records: Sequence[RecordFacts], with_calls: bool, params: QAParams) -> dict:
+    """The figures GeoPixelD published, for one set of records (same keys as the reference),
+    the plain caption length and the wording variety."""
     n = len(records)
+    plain = [plain_text(r.caption) for r in records]
+    top, frequent = frequent_ngrams([words(t) for t in plain], 5, params.fivegram_top,
+                                    params.fivegram_share)
     phrases = [p for r in records for p in r.phrases]
     instance = sum(p.kind == "instance" for p in phrases)
     objects = sum(p.objects for p in phrases)
@@ -284,6 +345,9 @@ def _split_figures(records: Sequence[RecordFacts], with_calls: bool) -> dict:
         "cluster_phrases": len(phrases) - instance,
         "objects": objects,
         "caption_chars_mean": _ratio(sum(len(r.caption) for r in records), n),
+        "plain_caption_chars_mean": _ratio(sum(len(t) for t in plain), n),
+        "fivegrams_top": top,
+        "frequent_fivegrams": frequent,
         "phrases_per_record": _ratio(len(phrases), n),
         "instance_share": _ratio(instance, len(phrases)),
         "objects_per_record": _ratio(objects, n),
@@ -305,8 +369,9 @@ def _calls_per(records: Sequence[RecordFacts], n: int) -> dict[str, float]:
 def qa_metrics(shards: Sequence[ShardFacts], *, compose_report: Optional[dict] = None,
                annotate_reports: Optional[dict[str, dict]] = None,
                review_report: Optional[dict] = None, with_tiles: bool = False,
-               with_responses: bool = False) -> dict:
+               with_responses: bool = False, params: Optional[QAParams] = None) -> dict:
     """qa.json from the shards' facts and the earlier stages' reports (all leaves numbers)."""
+    params = params or QAParams()
     records = [r for s in shards for r in s.records]
     drops = [d for s in shards for d in s.drops]
     phrases = [p for r in records for p in r.phrases]
@@ -315,6 +380,8 @@ def qa_metrics(shards: Sequence[ShardFacts], *, compose_report: Optional[dict] =
 
     plain = [plain_text(r.caption) for r in records]
     tokens = [words(t) for t in plain]
+    fivegrams_top, frequent_fivegrams = frequent_ngrams(tokens, 5, params.fivegram_top,
+                                                        params.fivegram_share)
     instance = [p for p in phrases if p.kind == "instance"]
     cluster = [p for p in phrases if p.kind == "cluster"]
     grounded_objects = sum(p.objects for p in phrases)
@@ -355,14 +422,17 @@ def qa_metrics(shards: Sequence[ShardFacts], *, compose_report: Optional[dict] =
             "size": len({w for t in tokens for w in t}),
             "distinct_1": distinct_n(tokens, 1),
             "distinct_2": distinct_n(tokens, 2),
+            "fivegrams_top": fivegrams_top,
+            "frequent_fivegrams": frequent_fivegrams,
         },
         "categories": {"grounded": len({p.category for p in phrases})},
         "backends": {b: _ratio(c, n)
                      for b, c in sorted(Counter(r.backend for r in records).items())},
         "review": {"exported": {s: sum(r.review == s for r in records) for s in REVIEW_STATUSES}},
         "by_split": {split: _split_figures([r for r in records if r.split == split],
-                                           with_responses)
+                                           with_responses, params)
                      for split in sorted({r.split for r in records})},
+        "claims": claim_metrics(records),
         "reference": {"geopixeld": GEOPIXELD_REFERENCE},
     }
     if with_tiles:
@@ -378,6 +448,22 @@ def qa_metrics(shards: Sequence[ShardFacts], *, compose_report: Optional[dict] =
     if review_report is not None:
         metrics["review"].update(numeric_leaves(review_report) or {})
     return metrics
+
+
+def claim_metrics(records: Sequence[RecordFacts]) -> dict:
+    """Claims checked, the share that agree and how many disagree, over all types and per
+    type; records with at least one claim checked, and with at least one failed."""
+    claims = [c for r in records for c in r.claims]
+
+    def block(found: Sequence[Claim]) -> dict:
+        bad = sum(c.failed for c in found)
+        return {"checked": len(found), "agree": _ratio(len(found) - bad, len(found)),
+                "disagree": bad}
+
+    return {**block(claims),
+            "records_checked": sum(bool(r.claims) for r in records),
+            "records_with_failed": sum(bool(r.failed_claims) for r in records),
+            **{t: block([c for c in claims if c.type == t]) for t in CLAIM_TYPES}}
 
 
 def _annotate_metrics(shards: Sequence[ShardFacts], records: Sequence[RecordFacts],
@@ -499,7 +585,8 @@ def run_qa(params: Params, records_dir: Path, out_metrics: Path, out_plots_dir: 
            out_report_dir: Path, *, tiles_dir: Optional[Path] = None,
            responses_dir: Optional[Path] = None, compose_dir: Optional[Path] = None,
            review_dir: Optional[Path] = None, scheduler: str | None = None) -> dict:
-    """Check the records that get exported; write qa.json, the plot CSVs and the HTML report.
+    """Check the records that get exported; write qa.json, the plot CSVs, the HTML report and
+    the claims file (`claims.parquet` in the report folder: every claim checked, and its verdict).
 
     `records_dir`: the records export reads (build/records, or build/reviewed). `compose_dir`
     (default `records_dir`): compose's output, for its drops and report. `review_dir`: the
@@ -543,13 +630,18 @@ def run_qa(params: Params, records_dir: Path, out_metrics: Path, out_plots_dir: 
         metrics = qa_metrics(shards, compose_report=_read_report(compose_dir / "report.json"),
                              annotate_reports=annotate_reports, review_report=review_report,
                              with_tiles=tiles_dir is not None,
-                             with_responses=responses_dir is not None)
+                             with_responses=responses_dir is not None, params=params.qa)
         tables = plot_tables(shards, params.qa)
         pages = write_report(staging, shards, metrics, tables, params.qa)
+        write_claims(staging / CLAIMS_FILE, [
+            row for s in shards for r in s.records for row in claim_rows(RecordClaims(
+                record_id=r.record_id, tile_id=r.tile_id, split=r.split,
+                phrase_texts=tuple(p.text for p in r.phrases), claims=r.claims))])
         report = out.report = {
             "stage": STAGE, "shards": len(names), "records": metrics["records"],
             "dropped": metrics["dropped"]["total"], "pages": pages,
-            "tiles_shown": sum(1 for s in shards for r in s.records if r.image)}
+            "tiles_shown": sum(1 for s in shards for r in s.records if r.image),
+            "claims_failed_records": metrics["claims"]["records_with_failed"]}
 
     with stage.output(Path(out_plots_dir), inputs=inputs, name="qa-plots") as plots:
         for file_name, rows in tables.items():

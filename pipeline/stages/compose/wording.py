@@ -4,14 +4,18 @@ The paper merges the three passes with an LLM; this is the deterministic compose
 inputs always give the same bytes, and it only rearranges the annotators' words around the
 grounding tags, it never invents a fact. The paragraph, in GeoPixelD's style:
 
-1. the holistic sentences (the scene), as the model wrote them;
+1. the holistic sentences (the scene), as the model wrote them, except a hedged reading at
+   their end ("This could be a recreational facility.", `_HEDGE_RE`), which moves to 4.;
 2. one sentence per instance, categories in order of their first mark, marks in number order:
    "The <p> ship-1 </p> [SEG] at the top left is moored beside the pier."  Same-category
-   instances at one position whose descriptions are the same share one sentence
-   (`compose.group_instances`): "The <p> tennis court-2 </p> [SEG] , <p> tennis court-3 </p>
-   [SEG] , and <p> tennis court-4 </p> [SEG] at the bottom right have white lines.";
+   instances at one position whose descriptions are identical share one sentence
+   (`compose.group_instances`, `_group_key`): "The <p> tennis court-2 </p> [SEG] , <p> tennis
+   court-3 </p> [SEG] , and <p> tennis court-4 </p> [SEG] at the bottom right have white
+   lines." A shared sentence states nothing that is not true of each of them: the text after
+   the subject must be the same character for character, not merely similar;
 3. one sentence per cluster, in plan order: "At the left side, <p> numerous small vehicles
-   </p> [SEG] are parked in rows."
+   </p> [SEG] are parked in rows.";
+4. the hedged reading of the scene, as GeoPixelD's captions end.
 
 Phrase text: an instance is its readable category + "-" + its index among that category's
 phrases in caption order ("small vehicle-1"); a cluster is its count word + the plural category
@@ -30,21 +34,31 @@ Weaving an annotator sentence (documented rules, applied in order):
   is removed, and so is one "at the <same position> (of the image)" ending a clause unless
   that would leave a bare verb ("is at the top left." stays);
 - the plan's position is then stated once, by the composer, unless the text still names it:
-  after an instance's tag ("The <p> ship-1 </p> [SEG] at the top left is ..."), at the front of
-  a cluster's sentence ("At the left side, <p> ... </p> [SEG] are ...");
+  next to an instance's tag ("The <p> ship-1 </p> [SEG] at the top left is ...", "Toward the
+  top left, the <p> ship-1 </p> [SEG] is ..."), at the front of a cluster's sentence ("At the
+  left side, <p> ... </p> [SEG] are ...");
 - a subject is only removed if a verb or a comma follows it; otherwise the whole text follows a
   colon ("The <p> ship-1 </p> [SEG] at the top left: a white hull with a red deck.", "At the
   left side, there are <p> many ships </p> [SEG]: boats moored in a harbour.").
+
+The composer's own words vary, so that paragraphs of similar tiles are not framed word for word
+alike: how a position is said (`leads`: "at the left side", "in the left half", "on the left",
+...), where it goes (before or after an instance's tag) and how a kept count is said (", seven
+in all,", ", seven of them,", ...). The choice is a hash of (`compose.seed`, tile id, slot), and
+the n-th sentence of a paragraph takes the next wording of each slot, so two sentences of one
+paragraph are not framed alike either. Every wording says the same position or count.
 """
 
 from __future__ import annotations
 
+import hashlib
 import re
 from collections import Counter
 from dataclasses import dataclass, field
-from typing import Optional, Sequence
+from typing import Callable, Optional, Sequence
 
 from pipeline.core.params import ComposeParams
+from pipeline.core.text import split_sentences
 from pipeline.core.validate import validate_record
 from pipeline.geometry.categories import plural, readable
 from pipeline.stages.compose.grounding import Grounding, Groundings, tile_groundings
@@ -107,7 +121,8 @@ _POSITION_SYNONYMS = {"center": r"(?:center|centre|middle)", "centre": r"(?:cent
                       "middle": r"(?:center|centre|middle)"}
 
 
-_POSITION_TAIL = (r"(?:[\s-]+(?:side|corner|part|portion|area|region|section))?"
+_POSITION_TAIL = (r"(?:[\s-]+(?:hand[\s-]+side|side|corner|part|portion|area|region|section|"
+                  r"half))?"
                   r"(?:\s+(?:of|in)\s+the\s+(?:image|scene|picture|frame|photo|patch|view))?")
 
 
@@ -136,6 +151,67 @@ _NUMBER_WORDS = ("one|two|three|four|five|six|seven|eight|nine|ten|eleven|twelve
 
 
 _COUNT = rf"\d+|(?:{_NUMBER_WORDS})(?:-(?:{_NUMBER_WORDS}))?"
+
+
+# A hedged reading of the scene ("This could be a recreational facility."): when the holistic
+# answer ends with such sentences they close the paragraph, as in GeoPixelD. Openings with "It"
+# are not moved: after the object sentences "it" would seem to mean the last object.
+_HEDGE_RE = re.compile(
+    r"^(?:perhaps|possibly|probably|presumably|"
+    r"(?:this|the\s+(?:scene|site|area|place|setting|image|location|facility|complex))\s+"
+    r"(?:could|may|might|would|is\s+(?:likely|probably|possibly|perhaps)|"
+    r"(?:seems|appears)\s+to\s+be)\b)", re.IGNORECASE)
+
+
+# How an exact count the annotator gave is kept after a cluster's tag: ", seven in all,".
+_COUNT_FORMS = ("{} in all", "numbering {}", "{} of them", "{} altogether", "{} all told",
+                "{} strong")
+
+
+Choice = Callable[[str, int], int]
+
+
+def _chooser(seed: int, tile_id: str) -> Choice:
+    """`choose(slot, n)`: the composer's stable choice among n wordings of one slot of a tile's
+    paragraph (`compose.seed`): the same inputs give the same caption, and captions of
+    similar tiles are not framed word for word alike."""
+    def choose(slot: str, n: int) -> int:
+        digest = hashlib.sha256(f"{seed}\x1f{tile_id}\x1f{slot}".encode()).digest()
+        return int.from_bytes(digest[:8], "big") % n
+    return choose
+
+
+def _first_choice(slot: str, n: int) -> int:
+    return 0
+
+
+def leads(position: str) -> tuple[str, ...]:
+    """Ways to say where a plan position or region is, each true of it, the first as `where`
+    says it: 'at the left side', 'in the left half', 'on the left', ... for the 1x2 region
+    "left side"; 'at the top left', 'in the upper left', 'toward the top left' for a corner.
+    Their last words differ, so that the words before a tag vary with the choice."""
+    if position == "whole image" or position.startswith("row "):
+        return (where(position),) + (("throughout the image", "all over the image")
+                                     if position == "whole image" else ())
+    words = position.split()
+    upper = {"top": "upper", "bottom": "lower"}
+    if len(words) == 2 and words[1] == "side":
+        side = words[0]
+        return (f"at the {side} side", f"in the {side} half", f"on the {side}",
+                f"across the {side} part", f"on the {side} flank", f"in the {side} sector")
+    if len(words) == 2 and words[1] == "half" and words[0] in upper:
+        return (f"in the {position}", f"in the {upper[words[0]]} half",
+                f"across the {upper[words[0]]} half")
+    if len(words) == 2 and words[0] in upper:
+        return (f"at the {position}", f"in the {upper[words[0]]} {words[1]}",
+                f"toward the {position}")
+    if position in ("center", "centre", "middle"):
+        return ("at the center", "in the middle", "around the center")
+    if position in upper:
+        return (f"at the {position}", f"toward the {position}", f"in the {upper[position]} middle")
+    if position in ("left", "right"):
+        return (f"at the {position}", f"toward the {position}", f"on the {position}")
+    return (where(position),)
 
 
 @dataclass(frozen=True)
@@ -224,17 +300,20 @@ def _drop_own_position(text: str, position: str) -> str:
     return text
 
 
-def _split_subject(g: Grounding, text: str) -> Optional[tuple[str, str]]:
+def _split_subject(g: Grounding, text: str,
+                   count_form: str = _COUNT_FORMS[0]) -> Optional[tuple[str, str]]:
     """(adjectives, rest) when `text` opens with the object as subject followed by a verb or a
     comma, else None."""
     m = _subject_re(g.kind, g.category, g.label, g.position).match(text)
     if not m or m.end() >= len(text):
         return None
     rest = text[m.end():]
+    found = m.groupdict()
+    if g.kind == "cluster" and found.get("comma") and not rest.startswith(","):
+        rest = ", " + rest  # "There are seven ships at the top, moored ...": the comma stays
     first = re.match(r"[A-Za-z]+", rest)
     if not (rest.startswith(",") or (first and first.group().lower() in _VERB_LED)):
         return None
-    found = m.groupdict()
     if g.kind == "instance":
         if found.get("comma") and not rest.startswith(","):
             rest = ", " + rest  # the position stays right before it
@@ -244,19 +323,19 @@ def _split_subject(g: Grounding, text: str) -> Optional[tuple[str, str]]:
         verb, _, tail = rest.partition(" ")
         rest = " ".join(filter(None, [_SINGULAR_TO_PLURAL.get(verb.lower(), verb), tail]))
     if found.get("count"):
-        count = found["count"].lower()
-        rest = f", {count} in all{rest}" if rest.startswith(",") else f", {count} in all, {rest}"
+        count = count_form.format(found["count"].lower())
+        rest = f", {count}{rest}" if rest.startswith(",") else f", {count}, {rest}"
     return "", rest
 
 
-def _weave(g: Grounding) -> _Woven:
+def _weave(g: Grounding, count_form: str = _COUNT_FORMS[0]) -> _Woven:
     """Split the annotator sentence around its subject (see the module docstring)."""
     text = g.text
-    split = _split_subject(g, text)
+    split = _split_subject(g, text, count_form)
     if split is None and g.position:
         unplaced = _drop_leading_position(text, g.position)
         if unplaced != text:
-            split = _split_subject(g, unplaced)
+            split = _split_subject(g, unplaced, count_form)
     adjectives, rest = split if split else ("", None)
     if g.position:
         text = _drop_own_position(text, g.position)
@@ -282,7 +361,14 @@ def _join(head: str, woven: _Woven, rest: Optional[str]) -> str:
     return f"{head} {rest}"
 
 
-def _instance_sentence(names: Sequence[str], woven: _Woven, position: Optional[str]) -> str:
+def _capital(text: str) -> str:
+    return text[:1].upper() + text[1:]
+
+
+def _instance_sentence(names: Sequence[str], woven: _Woven, position: Optional[str],
+                       choose: Choice = _first_choice) -> str:
+    """'The <p> ship-1 </p> [SEG] at the top left is ...' or 'Toward the top left, the <p>
+    ship-1 </p> [SEG] is ...' (`choose` picks the wording of the position and its place)."""
     tags = [_tag(n) for n in names]
     if len(tags) == 1:
         subject = tags[0]
@@ -290,21 +376,25 @@ def _instance_sentence(names: Sequence[str], woven: _Woven, position: Optional[s
         subject = f"{tags[0]} and {tags[1]}"
     else:
         subject = " , ".join(tags[:-1]) + f" , and {tags[-1]}"
-    head = f"The {woven.adjectives}{subject}"
-    if position and woven.say_position:
-        head += f" {where(position)}"
     rest = woven.rest
     if rest is not None and len(names) > 1:
         first, _, tail = rest.partition(" ")
         rest = " ".join(filter(None, [_SINGULAR_TO_PLURAL.get(first.lower(), first), tail]))
-    return _join(head, woven, rest)
+    if not (position and woven.say_position):
+        return _join(f"The {woven.adjectives}{subject}", woven, rest)
+    options = leads(position)
+    placed = options[choose("where", len(options))]
+    if rest is not None and choose("frame", 2):
+        return _join(f"{_capital(placed)}, the {woven.adjectives}{subject}", woven, rest)
+    return _join(f"The {woven.adjectives}{subject} {placed}", woven, rest)
 
 
-def _cluster_sentence(name: str, woven: _Woven, region: Optional[str]) -> str:
+def _cluster_sentence(name: str, woven: _Woven, region: Optional[str],
+                      choose: Choice = _first_choice) -> str:
     lead = ""
     if region and woven.say_position:
-        placed = where(region)
-        lead = f"{placed[0].upper()}{placed[1:]}, "
+        options = leads(region)
+        lead = f"{_capital(options[choose('where', len(options))])}, "
     if woven.rest is None:
         opener = "there are" if lead else "There are"
         return f"{lead}{opener} {_tag(name)}: {woven.text}"
@@ -313,15 +403,30 @@ def _cluster_sentence(name: str, woven: _Woven, region: Optional[str]) -> str:
 
 
 def _group_key(g: Grounding, woven: _Woven) -> Optional[tuple]:
-    """Instances share a sentence only if category, position and description agree and the
-    description opens with a verb whose number can follow the group."""
+    """Instances share a sentence only if everything it states holds for each of them: same
+    category, same plan position (and whether the composer states it), same adjectives kept
+    before the tag, and the same text after the subject, character for character: identical,
+    not merely alike ("is dark grey" and "is dark blue" never share a sentence). The template
+    backend words objects with the same measured facts alike (`annotators.template.
+    instance_picker`), so its answers share exactly when colour, size, orientation and
+    neighbours agree. The text must also open with a verb whose number can follow the group."""
     if woven.rest is None or woven.rest.startswith(","):
         return None
     first = woven.rest.split()[0].lower()
     if first not in _SINGULAR_TO_PLURAL and first not in _NUMBER_NEUTRAL:
         return None
-    said = " ".join(woven.rest.lower().split()).rstrip(".!?")
-    return (g.category, g.position, woven.say_position, woven.adjectives, said)
+    return (g.category, g.position, woven.say_position, woven.adjectives,
+            " ".join(woven.rest.split()))
+
+
+def _closing(scene: Sequence[str]) -> tuple[list[str], list[str]]:
+    """The scene sentences split into those that open the paragraph and the hedged reading
+    that closes it (the trailing sentences `_HEDGE_RE` recognises; at least one stays first)."""
+    sentences = [s for text in scene for s in split_sentences(text)]
+    k = len(sentences)
+    while k > 1 and _HEDGE_RE.match(sentences[k - 1]):
+        k -= 1
+    return sentences[:k], sentences[k:]
 
 
 def compose(tile: Tile, plan: TilePlan, requests: Sequence[Request],
@@ -339,15 +444,27 @@ def compose(tile: Tile, plan: TilePlan, requests: Sequence[Request],
     if not isinstance(found, Groundings):
         return dropped(*found)
     scene, instances, clusters = found.scene, found.instances, found.clusters
-    sentences, phrases = list(scene), []
-    for names_and_groundings, woven in _instance_sentences(instances, params):
+    choose = _chooser(params.seed, tile.tile_id)
+
+    def nth(u: int, base: str) -> Choice:
+        # the u-th instance (or cluster) sentence takes the next wording of each slot: two
+        # neighbouring sentences of a paragraph are never framed alike
+        return lambda slot, n: (choose(f"{base}/{slot}", n) + u) % n
+
+    opening, closing = _closing(scene)
+    sentences, phrases = list(opening), []
+    for u, (names_and_groundings, woven) in enumerate(_instance_sentences(instances, params)):
         names = [n for n, _ in names_and_groundings]
-        sentences.append(_instance_sentence(names, woven, names_and_groundings[0][1].position))
+        sentences.append(_instance_sentence(names, woven, names_and_groundings[0][1].position,
+                                            nth(u, "instance")))
         phrases.extend(_phrase(n, g) for n, g in names_and_groundings)
-    for g in clusters:
+    for k, g in enumerate(clusters):
         name = cluster_name(g)
-        sentences.append(_cluster_sentence(name, _weave(g), g.position))
+        form = _COUNT_FORMS[nth(k, "cluster")("count", len(_COUNT_FORMS))]
+        sentences.append(_cluster_sentence(name, _weave(g, form), g.position,
+                                           nth(k, "cluster")))
         phrases.append(_phrase(name, g))
+    sentences.extend(closing)
 
     if not phrases and params.require_phrases:
         detail = ",".join(f"{k}={v}" for k, v in sorted(skipped.items()))
