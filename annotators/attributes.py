@@ -17,6 +17,7 @@ be a school bus yard.") come from SCENE_RULES, one table of evidence -> scene, a
 from __future__ import annotations
 
 import math
+from collections import Counter
 from dataclasses import dataclass, field
 from typing import Mapping, Sequence
 
@@ -175,20 +176,40 @@ def colour_name(rgb: Sequence[int]) -> str:
     return hue
 
 
-def colour_mix(names: Sequence[str]) -> str:
-    """Colours of a group's members: 'all white', 'mostly yellow', 'white and yellow',
-    'yellow, white and grey' (at most three, most common first)."""
+@dataclass(frozen=True)
+class ColourMix:
+    """The colours of a group's members, as facts: `colours` most common first (ties by
+    name): the one colour when all share it (`uniform`), the dominant one when at least
+    MOSTLY_MIN_SHARE of them have it (`mostly`), else the three most common at most."""
+
+    colours: tuple[str, ...]
+    uniform: bool
+    mostly: bool
+    members: int
+
+
+def mix_colours(names: Sequence[str]) -> ColourMix:
+    """The `ColourMix` of a group's member colours."""
     if not names:
         raise ValueError("no colours to mix")
-    counts: dict[str, int] = {}
-    for n in names:
-        counts[n] = counts.get(n, 0) + 1
+    counts = Counter(names)
     ranked = sorted(counts, key=lambda c: (-counts[c], c))
     if len(ranked) == 1:
-        return f"all {ranked[0]}" if len(names) > 1 else ranked[0]
+        return ColourMix((ranked[0],), uniform=True, mostly=False, members=len(names))
     if counts[ranked[0]] / len(names) >= MOSTLY_MIN_SHARE:
-        return f"mostly {ranked[0]}"
-    top = ranked[:3]
+        return ColourMix((ranked[0],), uniform=False, mostly=True, members=len(names))
+    return ColourMix(tuple(ranked[:3]), uniform=False, mostly=False, members=len(names))
+
+
+def colour_mix(names: Sequence[str]) -> str:
+    """Colours of a group's members: 'all white', 'mostly yellow', 'white and yellow',
+    'yellow, white and grey' (`mix_colours`, at most three, most common first)."""
+    mix = mix_colours(names)
+    top = mix.colours
+    if mix.uniform:
+        return f"all {top[0]}" if mix.members > 1 else top[0]
+    if mix.mostly:
+        return f"mostly {top[0]}"
     return " and ".join(top) if len(top) == 2 else f"{top[0]}, {top[1]} and {top[2]}"
 
 

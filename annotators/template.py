@@ -319,22 +319,19 @@ def _neighbours(words: str | None, pick: Picker) -> str | None:
 
 def colour_words(names: Sequence[str], pick: Picker, slot: str = "colours") -> str:
     """The colours of a group's members as a predicate ('mostly yellow', 'all white', 'in
-    yellow, white and grey', 'in white and shades of grey'): `attr.colour_mix`'s facts (one
+    yellow, white and grey', 'in white and shades of grey'): `attr.mix_colours`' facts (one
     colour, a colour of at least MOSTLY_MIN_SHARE of them, else the three most common), worded
     one of several ways."""
-    counts: dict[str, int] = {}
-    for n in names:
-        counts[n] = counts.get(n, 0) + 1
-    ranked = sorted(counts, key=lambda c: (-counts[c], c))
-    top = ranked[0]
-    if len(names) == 1:
+    mix = attr.mix_colours(names)
+    top = mix.colours[0]
+    if mix.members == 1:
         return top
-    if len(ranked) == 1:
+    if mix.uniform:
         return _one((f"all {top}", f"uniformly {top}", f"{top} throughout"), pick, slot)
-    if counts[top] / len(names) >= attr.MOSTLY_MIN_SHARE:
+    if mix.mostly:
         return _one((f"mostly {top}", f"largely {top}", f"predominantly {top}",
                      f"mainly {top}", f"chiefly {top}"), pick, slot)
-    shown = ranked[:3]
+    shown = list(mix.colours)
     if sum(c in _GREYS for c in shown) >= 2 and pick(slot + ".greys", 2):
         first = next(i for i, c in enumerate(shown) if c in _GREYS)
         shown = [c for c in shown if c not in _GREYS]
