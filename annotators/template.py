@@ -21,7 +21,6 @@ input always gives the same text, so a build with this backend is byte-reproduci
 
 from __future__ import annotations
 
-import hashlib
 import math
 import re
 import time
@@ -31,6 +30,7 @@ from annotators import attributes as attr
 from annotators.base import AnnotationContext, Backend
 from pipeline.core.errors import BadImageError
 from pipeline.core.params import BackendParams
+from pipeline.core.text import stable_choice
 from pipeline.geometry.categories import plural, readable
 from schemas import Request, Response, Usage
 
@@ -139,8 +139,7 @@ Picker = Callable[[str, int], int]
 def _picker(request_id: str, seed: int) -> Picker:
     """`pick(slot, n)`: a stable choice among n variants for one wording slot of a request."""
     def pick(slot: str, n: int) -> int:
-        digest = hashlib.sha256(f"{request_id}\x1f{seed}\x1f{slot}".encode()).digest()
-        return int.from_bytes(digest[:8], "big") % n
+        return stable_choice(f"{request_id}\x1f{seed}\x1f{slot}", n)
     return pick
 
 

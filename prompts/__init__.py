@@ -10,13 +10,13 @@ record one of them, the same one on every run.
 
 from __future__ import annotations
 
-import hashlib
 import string
 from functools import lru_cache
 from importlib import resources
 from typing import NamedTuple
 
 from pipeline.core.errors import BadParamsError
+from pipeline.core.text import stable_choice
 from schemas import PASSES
 
 
@@ -121,6 +121,5 @@ def pick_instruction(record_id: str, version: str = "v1") -> Instruction:
     """The instruction of a record: chosen from the list by the sha256 of its id, so the same
     record gets the same instruction on every run and machine (never Python's `hash()`,
     which is salted per process), and a set of records spreads over the whole list."""
-    digest = hashlib.sha256(record_id.encode("utf-8")).digest()
-    return numbered_instruction(int.from_bytes(digest[:8], "big") % len(instructions(version))
-                                + 1, version)
+    return numbered_instruction(stable_choice(record_id, len(instructions(version))) + 1,
+                                version)

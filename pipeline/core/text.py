@@ -36,6 +36,7 @@ Also here: the one sentence splitter (`split_sentences`) and English words (`plu
 
 from __future__ import annotations
 
+import hashlib
 import operator
 import re
 import unicodedata
@@ -228,3 +229,10 @@ def number_words(n: int) -> str:
     thousands, rest = divmod(n, 1000)
     tail = "" if not rest else (" and " if rest < 100 else " ") + number_words(rest)
     return f"{number_words(thousands)} thousand{tail}"
+
+
+def stable_choice(key: str, n: int) -> int:
+    """A choice among `n` wordings that depends on `key` alone: the first 8 bytes of its
+    sha256, modulo n, the same on every run and machine (never Python's `hash()`, which is
+    salted per process)."""
+    return int.from_bytes(hashlib.sha256(key.encode("utf-8")).digest()[:8], "big") % n

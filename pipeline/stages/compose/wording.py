@@ -51,14 +51,13 @@ paragraph are not framed alike either. Every wording says the same position or c
 
 from __future__ import annotations
 
-import hashlib
 import re
 from collections import Counter
 from dataclasses import dataclass, field
 from typing import Callable, Optional, Sequence
 
 from pipeline.core.params import ComposeParams
-from pipeline.core.text import split_sentences
+from pipeline.core.text import split_sentences, stable_choice
 from pipeline.core.validate import validate_record
 from pipeline.geometry.categories import plural, readable
 from pipeline.stages.compose.grounding import Grounding, Groundings, tile_groundings
@@ -176,8 +175,7 @@ def _chooser(seed: int, tile_id: str) -> Choice:
     paragraph (`compose.seed`): the same inputs give the same caption, and captions of
     similar tiles are not framed word for word alike."""
     def choose(slot: str, n: int) -> int:
-        digest = hashlib.sha256(f"{seed}\x1f{tile_id}\x1f{slot}".encode()).digest()
-        return int.from_bytes(digest[:8], "big") % n
+        return stable_choice(f"{seed}\x1f{tile_id}\x1f{slot}", n)
     return choose
 
 
