@@ -192,6 +192,7 @@ def qa(
     compose_dir: Annotated[Optional[Path], typer.Option("--compose", help="Output of `compose` (its drops and report).")] = Path("build/records"),
     review_dir: Annotated[Optional[Path], typer.Option("--review", help="Output of `review` (reviewer statistics).")] = Path("build/reviewed"),
     tiles: Annotated[Optional[Path], typer.Option(help="Tile shards (images for the report).")] = Path("build/tiles"),
+    plan: Annotated[Optional[Path], typer.Option(help="Output of `plan` (the tiles' measurements the claims are checked against).")] = Path("build/plan"),
     responses: Annotated[Optional[Path], typer.Option(help="Response shards (calls, tokens, cost).")] = Path("build/responses"),
     metrics: Annotated[Path, typer.Option(help="DVC metrics file to write.")] = Path("metrics/qa.json"),
     plots: Annotated[Path, typer.Option(help="Folder of DVC plot tables.")] = Path("metrics/plots"),
@@ -205,7 +206,7 @@ def qa(
     p = _params(params)
     _done("qa", report, run_qa(p, records, metrics, plots, report, tiles_dir=tiles,
                                responses_dir=responses, compose_dir=compose_dir,
-                               review_dir=review_dir, scheduler=scheduler))
+                               review_dir=review_dir, plan_dir=plan, scheduler=scheduler))
 
 
 @app.command()
@@ -295,7 +296,8 @@ def _build_stages(p: Params, out: Path, split: Optional[list[str]], sched: Optio
     _done("qa", out / "qa", run_qa(p, out / "reviewed", out / "metrics" / "qa.json",
                                    out / "metrics" / "plots", out / "qa", tiles_dir=out / "tiles",
                                    responses_dir=out / "responses", compose_dir=out / "records",
-                                   review_dir=out / "reviewed", scheduler=sched))
+                                   review_dir=out / "reviewed", plan_dir=out / "plan",
+                                   scheduler=sched))
 
 
 @app.command()

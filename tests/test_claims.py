@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import json
 import re
+import shutil
 from collections import Counter
 from pathlib import Path
 
@@ -342,3 +343,50 @@ def test_stored_claims_read_back_and_another_file_is_refused(tmp_path):
         tile_id="t", split="val", stage="compose", reason="x")], DroppedRecord)
     with pytest.raises(BadShardError, match="holds DroppedRecord records"):
         read_claims(tmp_path / "other.parquet")
+
+
+def test_qa_checks_claims_against_the_measurements_plan_stored(template_build, tmp_path):
+    """The qa stage reads each tile's measurements from its plan (not measuring it again): a
+    plan whose colour of one instance is changed to pure red turns that instance's colour claim
+    into a failed one."""
+    from pipeline.core.shards import write_records
+    from pipeline.geometry.claims import CLAIMS_FILE, read_claims
+    from pipeline.stages.qa import run_qa
+
+    params = Params.model_validate({"data": {"root": str(ISAID)}})
+    plan = tmp_path / "plan"
+    shutil.copytree(template_build / "plan", plan)
+
+    def qa(name: str) -> dict:
+        out = tmp_path / name
+        run_qa(params, template_build / "records", out / "qa.json", out / "plots",
+               out / "report", tiles_dir=template_build / "tiles", plan_dir=plan)
+        return read_claims(out / "report" / CLAIMS_FILE)
+
+    before = qa("before")
+    records = {r.record_id: r for path in list_shards(template_build / "records")
+               for r in read_records(path, GroundedRecord)}
+    record_id, claim = next((rid, c) for rid, claims in before.items() for c in claims
+                            if c.type == "colour" and c.verdict == "agree"
+                            and records[rid].phrases[c.phrase].kind == "instance")
+    record = records[record_id]
+    (object_id,) = record.phrases[claim.phrase].object_ids
+    shard = next(p for p in list_shards(plan / "tiles")
+                 if any(t.tile_id == record.tile_id for t in read_records(p, TilePlan)))
+    plans = read_records(shard, TilePlan)
+    changed = []
+    for p in plans:
+        if p.tile_id == record.tile_id:
+            objects = [o.model_copy(update={"rgb": [255, 0, 0]}) if o.object_id == object_id
+                       else o for o in p.measurements.objects]
+            p = p.model_copy(update={"measurements": p.measurements.model_copy(
+                update={"objects": objects})})
+        changed.append(p)
+    write_records(shard, changed, TilePlan)
+
+    after = qa("after")
+    flipped = [c for c in after[record_id] if c.phrase == claim.phrase and c.type == "colour"]
+    assert [c.verdict for c in flipped] == ["disagree"]
+    assert "255, 0, 0" in flipped[0].expected
+    others = {k: v for k, v in after.items() if k != record_id}
+    assert others == {k: v for k, v in before.items() if k != record_id}

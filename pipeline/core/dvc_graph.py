@@ -93,9 +93,11 @@ STAGES: tuple[StageSpec, ...] = (
               ("build/tiles", "build/reviewed"), ("build/export",), ("export",)),
     StageSpec("qa", "qa",
               "geopixeld qa --records build/reviewed --compose build/records "
-              "--review build/reviewed --tiles build/tiles --responses build/responses "
+              "--review build/reviewed --tiles build/tiles --plan build/plan "
+              "--responses build/responses "
               "--metrics metrics/qa.json --plots metrics/plots --report build/qa",
-              ("build/reviewed", "build/records", "build/tiles", "build/responses/holistic",
+              ("build/reviewed", "build/records", "build/tiles", "build/plan",
+               "build/responses/holistic",
                "build/responses/instance", "build/responses/cluster"),
               ("build/qa",), ("qa",),
               extra={"metrics": [{"metrics/qa.json": {"cache": False}}],

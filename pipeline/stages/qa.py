@@ -76,7 +76,16 @@ from pipeline.geometry.claims import (
 )
 from pipeline.geometry.measure import measure_tile
 from pipeline.geometry.priors import instance_masks
-from schemas import PASSES, SEG, DroppedRecord, GroundedRecord, Response, Tile
+from schemas import (
+    PASSES,
+    SEG,
+    DroppedRecord,
+    GroundedRecord,
+    Response,
+    Tile,
+    TileMeasurements,
+    TilePlan,
+)
 
 STAGE = "qa"
 REVIEW_STATUSES = ("unreviewed", "accepted", "edited")
@@ -236,15 +245,29 @@ def numeric_leaves(value: object) -> object:
 # Per-shard task
 
 
+def _plan_measurements(plan_tiles: Optional[Path]) -> dict[str, TileMeasurements]:
+    """Tile id -> the measurements plan took of it (`TilePlan.measurements`), from one plan
+    shard (none: no shard, or plans written before measurements were stored)."""
+    if plan_tiles is None or not plan_tiles.is_file():
+        return {}
+    return {p.tile_id: p.measurements for p in read_records(plan_tiles, TilePlan,
+                                                            skip_bytes=("som_png",))
+            if p.measurements is not None}
+
+
 def qa_shard(shard: tuple[str, int], *, params: QAParams, records_dir: Path,
              tiles_dir: Optional[Path], responses_dir: Optional[Path],
-             drop_dirs: tuple[Path, ...], report_dir: Optional[Path]) -> ShardFacts:
+             drop_dirs: tuple[Path, ...], report_dir: Optional[Path],
+             plan_dir: Optional[Path] = None, grid: int = 3) -> ShardFacts:
     """Facts of one shard `(name, render)`; writes the report images of its first `render`
-    records into `report_dir`."""
+    records into `report_dir`. Claims are checked against the measurements plan stored
+    (`plan_dir/tiles`); a tile plan did not measure is measured here (on a `grid` grid, the
+    planner's)."""
     name, render = shard
 
     records_path = records_dir / name
     records = read_records(records_path, GroundedRecord)
+    planned = _plan_measurements(plan_dir / "tiles" / name if plan_dir is not None else None)
     tiles: dict[str, Tile] = {}
     tile_categories: Counter[str] = Counter()
     if tiles_dir is not None:
@@ -281,10 +304,10 @@ def qa_shard(shard: tuple[str, int], *, params: QAParams, records_dir: Path,
         if tiles_dir is not None and tile is None:
             raise BadRecordError(f"record {record.record_id} names tile {record.tile_id}, "
                                  f"which is not in {tiles_dir / name}", records_path)
-        measured = None
-        if tile is not None:  # decoded again to draw it: a shard's images are not all kept
+        measured = planned.get(record.tile_id)
+        if measured is None and tile is not None:  # decoded again to draw it, if shown
             measured = measure_tile(decode_png(tile.image_png), instance_masks(
-                tile.tile_id, tile.height, tile.width, tile.objects), tile.image_sha256)
+                tile.tile_id, tile.height, tile.width, tile.objects), tile.image_sha256, grid)
         checked.append(tuple(check_record(record, measured, params)))
     # the report's images go to records with failed claims first (the shard's share of
     # qa.max_tiles), then in shard order
@@ -584,14 +607,17 @@ def _render_budget(records_dir: Path, names: Sequence[str], limit: Optional[int]
 def run_qa(params: Params, records_dir: Path, out_metrics: Path, out_plots_dir: Path,
            out_report_dir: Path, *, tiles_dir: Optional[Path] = None,
            responses_dir: Optional[Path] = None, compose_dir: Optional[Path] = None,
-           review_dir: Optional[Path] = None, scheduler: str | None = None) -> dict:
+           review_dir: Optional[Path] = None, plan_dir: Optional[Path] = None,
+           scheduler: str | None = None) -> dict:
     """Check the records that get exported; write qa.json, the plot CSVs, the HTML report and
     the claims file (`claims.parquet` in the report folder: every claim checked, and its verdict).
 
     `records_dir`: the records export reads (build/records, or build/reviewed). `compose_dir`
     (default `records_dir`): compose's output, for its drops and report. `review_dir`: the
-    review stage's output, for its report. Drops are read from `compose_dir/dropped` and
-    `records_dir/dropped`. Returns the stage's report (also written to the report folder).
+    review stage's output, for its report. `plan_dir`: plan's output, whose tile plans hold the
+    measurements claims are checked against (without it, or for a tile it lacks, the tile is
+    measured again). Drops are read from `compose_dir/dropped` and `records_dir/dropped`.
+    Returns the stage's report (also written to the report folder).
     """
     records_dir = Path(records_dir)
     compose_dir = Path(compose_dir) if compose_dir is not None else records_dir
@@ -617,7 +643,7 @@ def run_qa(params: Params, records_dir: Path, out_metrics: Path, out_plots_dir: 
     review_report = _read_report(Path(review_dir) / "report.json") if review_dir else None
     budget = _render_budget(records_dir, names, params.qa.max_tiles)
 
-    inputs = [records_dir, compose_dir, tiles_dir, responses_dir, review_dir]
+    inputs = [records_dir, compose_dir, tiles_dir, responses_dir, review_dir, plan_dir]
     check_output_file(out_metrics, inputs)
     with stage.output(Path(out_report_dir), inputs=inputs, count_key="records") as out:
         staging = out.folder
@@ -625,7 +651,9 @@ def run_qa(params: Params, records_dir: Path, out_metrics: Path, out_plots_dir: 
         task = partial(qa_shard, params=params.qa, records_dir=records_dir,
                        tiles_dir=Path(tiles_dir) if tiles_dir is not None else None,
                        responses_dir=Path(responses_dir) if responses_dir is not None else None,
-                       drop_dirs=drop_dirs, report_dir=staging)
+                       drop_dirs=drop_dirs, report_dir=staging,
+                       plan_dir=Path(plan_dir) if plan_dir is not None else None,
+                       grid=params.plan.grid)
         shards = stage.map(task, list(zip(names, budget)))
         metrics = qa_metrics(shards, compose_report=_read_report(compose_dir / "report.json"),
                              annotate_reports=annotate_reports, review_report=review_report,
