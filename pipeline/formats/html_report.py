@@ -27,7 +27,7 @@ import re
 import shutil
 from collections import Counter
 from pathlib import Path
-from typing import TYPE_CHECKING, Optional, Sequence
+from typing import TYPE_CHECKING, Any, Iterable, Optional, Sequence
 from urllib.parse import quote, urlencode
 
 import cv2
@@ -39,7 +39,7 @@ from pipeline.core.shards import atomic_path
 from pipeline.formats.templating import macro, render
 from pipeline.geometry import masks
 from pipeline.geometry.categories import readable
-from pipeline.geometry.claims import CLAIM_TYPES
+from pipeline.geometry.claims import CLAIM_TYPES, Claim, failed, failed_first
 from schemas import Phrase
 
 if TYPE_CHECKING:
@@ -177,11 +177,6 @@ def facets_of(record: "RecordFacts") -> dict[str, list[str]]:
             "claims": [CLAIMS_FAILED if record.failed_claims else CLAIMS_NONE_FAILED]}
 
 
-def failed_first(records: Sequence["RecordFacts"]) -> list["RecordFacts"]:
-    """Records with failed claims first, then the others, each in their given order."""
-    return sorted(records, key=lambda r: not r.failed_claims)
-
-
 def _number(value: object) -> str:
     if isinstance(value, bool) or not isinstance(value, (int, float)):
         return "—" if value is None else str(value)
@@ -198,11 +193,17 @@ def _tile(record: "RecordFacts") -> dict:
             "objects": sum(p.objects for p in record.phrases), "chars": len(record.caption),
             "caption": caption_parts(record.caption, record.phrases),
             "claims": len(record.claims),
-            "failed": [{"index": c.phrase, "colour": "{},{},{}".format(*phrase_colour(c.phrase)),
-                        "phrase": (record.phrases[c.phrase].text
-                                   if c.phrase < len(record.phrases) else ""),
-                        "type": c.type, "words": c.words, "expected": c.expected}
-                       for c in record.failed_claims]}
+            "failed": failed_claim_items(record.phrases, record.claims)}
+
+
+def failed_claim_items(phrases: Sequence[Any], claims: Iterable[Claim]) -> list[dict]:
+    """A caption's failed claims as its HTML shows them (the report's `failed_claims` macro,
+    the notebook's review/claims.html.j2): {"index", "colour" ("r,g,b", the phrase's colour),
+    "phrase" (its text), "type", "words", "expected"}."""
+    return [{"index": c.phrase, "colour": "{},{},{}".format(*phrase_colour(c.phrase)),
+             "phrase": phrases[c.phrase].text if c.phrase < len(phrases) else "",
+             "type": c.type, "words": c.words, "expected": c.expected}
+            for c in failed(claims)]
 
 
 def _tile_page(i: int, pages: int, records: Sequence["RecordFacts"]) -> str:
@@ -374,9 +375,9 @@ def write_report(folder: Path, shards: Sequence["ShardFacts"], metrics: dict,
                  tables: dict[str, list[dict]], params: QAParams) -> int:
     """Write the report's pages, index script and assets into `folder` (the tile images are
     already there, written by the shard tasks). Records with failed claims come first
-    (`failed_first`). Returns the number of tile pages."""
+    (`pipeline.geometry.claims.failed_first`). Returns the number of tile pages."""
     folder = Path(folder)
-    shown = failed_first([r for s in shards for r in s.records if r.image])
+    shown = failed_first([r for s in shards for r in s.records if r.image], lambda r: r.claims)
     per = params.tiles_per_page
     pages = max(1, -(-len(shown) // per))
     page_of = {r.tile_id: i // per for i, r in enumerate(shown)}

@@ -20,6 +20,7 @@ import pyarrow.parquet as pq
 from pipeline.core.errors import EmptyInputError
 from pipeline.core.shards import list_shards, read_records
 from pipeline.geometry.claims import Claim, read_claims
+from pipeline.geometry.claims import failed_first as claims_failed_first
 from schemas import RLE, GroundedRecord, Phrase, Provenance
 
 
@@ -137,17 +138,15 @@ def load_claims(path: Path) -> dict[str, list[Claim]]:
 def failed_first(records: Sequence[GroundedRecord],
                  claims: Mapping[str, Sequence[Claim]]) -> list[GroundedRecord]:
     """The records with failed claims first, then the others, each in their given order (the
-    HTML report's order)."""
-    return sorted(records, key=lambda r: not any(c.failed for c in claims.get(r.record_id, ())))
+    HTML report's order; `pipeline.geometry.claims.failed_first`)."""
+    return claims_failed_first(records, lambda r: claims.get(r.record_id, ()))
 
 
 def claims_html(record: GroundedRecord, claims: Sequence[Claim]) -> str:
     """The record's failed claims as HTML, each after its phrase in the phrase's colour (template
     review/claims.html.j2, autoescaped); empty when none failed."""
+    from pipeline.formats.html_report import failed_claim_items
     from pipeline.formats.templating import render
 
-    failed = [{"index": c.phrase, "colour": phrase_colour(c.phrase),
-               "phrase": record.phrases[c.phrase].text if c.phrase < len(record.phrases) else "",
-               "type": c.type, "words": c.words, "expected": c.expected}
-              for c in claims if c.failed]
+    failed = failed_claim_items(record.phrases, claims)
     return render("review/claims.html.j2", failed=failed, checked=len(claims)) if failed else ""

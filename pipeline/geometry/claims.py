@@ -76,7 +76,7 @@ import re
 from collections import Counter
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Iterable, Optional, Sequence, get_args
+from typing import Callable, Iterable, Optional, Sequence, TypeVar, get_args
 
 import cv2
 import numpy as np
@@ -99,9 +99,10 @@ from schemas import (
 )
 
 CLAIM_TYPES: tuple[str, ...] = get_args(ClaimType)
+T = TypeVar("T")
 
 __all__ = ["CLAIMS_FILE", "CLAIMS_SCHEMA", "CLAIM_TYPES", "Claim", "RecordClaims", "check_record",
-           "claim_rows", "colour_fits", "failed", "read_claims", "region_names", "size_fits",
+           "claim_rows", "colour_fits", "failed", "failed_first", "read_claims", "region_names", "size_fits",
            "write_claims"]
 
 
@@ -126,6 +127,13 @@ class Claim:
 def failed(claims: Iterable[Claim]) -> list[Claim]:
     """The claims that disagree with the masks."""
     return [c for c in claims if c.failed]
+
+
+def failed_first(items: Sequence[T], claims_of: Callable[[T], Iterable[Claim]]) -> list[T]:
+    """`items` (records, or indices of records) whose claims (`claims_of`) hold a failed one
+    first, then the others, each in their given order: the order the HTML report and the
+    review notebook show records in."""
+    return sorted(items, key=lambda item: not failed(claims_of(item)))
 
 
 # =============================================================================================

@@ -72,6 +72,8 @@ from pipeline.geometry.claims import (
     RecordClaims,
     check_record,
     claim_rows,
+    failed,
+    failed_first,
     write_claims,
 )
 from pipeline.geometry.measure import measure_tile
@@ -148,7 +150,7 @@ class RecordFacts:
 
     @property
     def failed_claims(self) -> list[Claim]:
-        return [c for c in self.claims if c.failed]
+        return failed(self.claims)
 
 
 @dataclass(frozen=True)
@@ -311,8 +313,7 @@ def qa_shard(shard: tuple[str, int], *, params: QAParams, records_dir: Path,
         checked.append(tuple(check_record(record, measured, params)))
     # the report's images go to records with failed claims first (the shard's share of
     # qa.max_tiles), then in shard order
-    order = sorted(range(len(records)), key=lambda i: not any(c.failed for c in checked[i]))
-    shown = set(order[:render])
+    shown = set(failed_first(range(len(records)), lambda i: checked[i])[:render])
 
     facts = []
     for i, record in enumerate(records):
